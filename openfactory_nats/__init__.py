@@ -1,0 +1,43 @@
+"""Publish to NATS clusters from blocking code, reliably and fast."""
+
+from __future__ import annotations
+
+from ._cluster import DEFAULT_MAX_PENDING_BYTES, NatsCluster
+from ._errors import (
+    BufferFullError,
+    ClusterClosedError,
+    ClusterTimeoutError,
+    ClusterUnavailableError,
+    ConnectError,
+    ConnectTimeoutError,
+    InvalidMessageError,
+    InvalidTypeError,
+    NatsClusterError,
+    PublishError,
+    WrongThreadError,
+)
+from ._state import ClusterState
+from ._sync import SyncNatsCluster
+from ._wire import validate_subject
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "DEFAULT_MAX_PENDING_BYTES",
+    "BufferFullError",
+    "ClusterClosedError",
+    "ClusterState",
+    "ClusterTimeoutError",
+    "ClusterUnavailableError",
+    "ConnectError",
+    "ConnectTimeoutError",
+    "InvalidMessageError",
+    "InvalidTypeError",
+    "NatsCluster",
+    "NatsClusterError",
+    "PublishError",
+    "SyncNatsCluster",
+    "WrongThreadError",
+    "__version__",
+    "validate_subject",
+)

@@ -1,0 +1,119 @@
+"""Exceptions raised by openfactory-nats.
+
+Every error the library raises derives from :class:`NatsClusterError` and from the
+built-in exception that users already catch::
+
+    NatsClusterError (Exception)
+    ├── InvalidMessageError (ValueError)     bad subject, headers, payload size, timeout
+    ├── InvalidTypeError (TypeError)         wrong type of subject, payload, headers, timeout
+    ├── ClusterUnavailableError (RuntimeError)
+    │   ├── ConnectError                     the cluster could not be reached in time
+    │   │   └── ConnectTimeoutError (TimeoutError)
+    │   ├── ClusterClosedError               the instance was closed
+    │   └── PublishError                     the client refused a message
+    ├── WrongThreadError (RuntimeError)      a blocking call on the event-loop thread
+    └── ClusterTimeoutError (TimeoutError)   an operation ran out of time
+        └── BufferFullError                  no room in the bounded outgoing buffer
+
+nats-py's errors are mapped to these in :func:`map_nats_error`, and only there.
+"""
+
+from __future__ import annotations
+
+import nats.errors
+
+__all__ = (
+    "BufferFullError",
+    "ClusterClosedError",
+    "ClusterTimeoutError",
+    "ClusterUnavailableError",
+    "ConnectError",
+    "ConnectTimeoutError",
+    "InvalidMessageError",
+    "InvalidTypeError",
+    "NatsClusterError",
+    "PublishError",
+    "WrongThreadError",
+)
+
+
+class NatsClusterError(Exception):
+    """Root of every error raised by openfactory-nats.
+
+    :ivar cluster: the logical name of the cluster concerned, or ``None``.
+    """
+
+    def __init__(self, message: str, *, cluster: str | None = None) -> None:
+        super().__init__(message)
+        self.cluster = cluster
+
+
+class InvalidMessageError(NatsClusterError, ValueError):
+    """A subject, header, payload size or timeout value is not acceptable."""
+
+
+class InvalidTypeError(NatsClusterError, TypeError):
+    """A subject, payload, header or timeout has the wrong type."""
+
+
+class ClusterUnavailableError(NatsClusterError, RuntimeError):
+    """The cluster cannot take the request (not reachable, closed, or refusing)."""
+
+
+class ConnectError(ClusterUnavailableError):
+    """The cluster could not be connected to within the deadline."""
+
+
+class ConnectTimeoutError(ConnectError, TimeoutError):
+    """The caller's timeout ran out while the connection was being made."""
+
+
+class ClusterClosedError(ClusterUnavailableError):
+    """The instance has been closed; it cannot be used again."""
+
+
+class PublishError(ClusterUnavailableError):
+    """The client refused the message for a reason other than its content."""
+
+
+class WrongThreadError(NatsClusterError, RuntimeError):
+    """A blocking call was made on the event-loop thread, where it would deadlock."""
+
+
+class ClusterTimeoutError(NatsClusterError, TimeoutError):
+    """An operation did not finish within its timeout."""
+
+
+class BufferFullError(ClusterTimeoutError):
+    """The bounded outgoing buffer had no room for the message within the timeout.
+
+    :ivar capacity: the buffer's capacity in bytes.
+    :ivar size: the size of the refused message in bytes.
+    """
+
+    def __init__(self, message: str, *, cluster: str | None, capacity: int, size: int) -> None:
+        super().__init__(message, cluster=cluster)
+        self.capacity = capacity
+        self.size = size
+
+
+def map_nats_error(exc: BaseException, cluster: str) -> NatsClusterError:
+    """Translate an exception raised by nats-py into one of ours.
+
+    The message never includes the exception's text verbatim where it could carry a URL
+    with credentials; :func:`openfactory_nats._redact.redact` cleans what is kept.
+    """
+    from ._redact import redact
+
+    detail = redact(str(exc) or type(exc).__name__)
+    if isinstance(exc, nats.errors.ConnectionClosedError | nats.errors.ConnectionDrainingError):
+        return ClusterClosedError(f"cluster {cluster!r}: connection closed ({detail})", cluster=cluster)
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return InvalidMessageError(f"cluster {cluster!r}: payload too large ({detail})", cluster=cluster)
+    if isinstance(exc, nats.errors.BadSubjectError):
+        return InvalidMessageError(f"cluster {cluster!r}: invalid subject", cluster=cluster)
+    if isinstance(exc, nats.errors.BadHeaderError | nats.errors.BadTimeoutError):
+        return InvalidMessageError(f"cluster {cluster!r}: {detail}", cluster=cluster)
+    if isinstance(exc, TimeoutError):
+        return ClusterTimeoutError(f"cluster {cluster!r}: timed out ({detail})", cluster=cluster)
+    return PublishError(f"cluster {cluster!r}: {type(exc).__name__}: {detail}", cluster=cluster)

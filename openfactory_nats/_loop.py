@@ -1,0 +1,72 @@
+"""A dedicated daemon thread running an asyncio event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ("LoopThread",)
+
+T = TypeVar("T")
+_STARTUP_TIMEOUT = 10.0
+_SHUTDOWN_GRACE = 1.0
+
+
+class LoopThread:
+    """Runs an event loop on a named daemon thread until :meth:`stop`.
+
+    A start-up handshake hands the loop, or the error that prevented it, back to the
+    thread that created the instance.
+    """
+
+    def __init__(self, name: str) -> None:
+        started: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._run, args=(started,), name=name, daemon=True)
+        self.thread.start()
+        try:
+            self.loop = started.result(_STARTUP_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            raise RuntimeError(f"event-loop thread {name!r} did not start within {_STARTUP_TIMEOUT:g} s") from None
+
+    def _run(self, started: concurrent.futures.Future[asyncio.AbstractEventLoop]) -> None:
+        try:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(loop)
+        try:
+            loop.run_forever()
+        finally:
+            try:
+                tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    loop.run_until_complete(asyncio.wait(tasks, timeout=_SHUTDOWN_GRACE))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                asyncio.set_event_loop(None)
+                loop.close()
+
+    def in_loop_thread(self) -> bool:
+        """True when called on the loop's own thread."""
+        return threading.current_thread() is self.thread
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule *coro* on the loop and return a future for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def stop(self, timeout: float) -> bool:
+        """Stop the loop and join the thread for up to *timeout* s; True if it ended."""
+        if self.thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+        return not self.thread.is_alive()

