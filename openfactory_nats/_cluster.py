@@ -231,22 +231,27 @@ class NatsCluster:
             )
         )
         waiting: set[asyncio.Future[Any]] = {task, refused}
-        done, _ = await asyncio.wait(
-            waiting, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
-        )
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            self._abandon(nc, task)  # the caller gave up: leave no connection attempt behind
+            raise
+        finally:
+            refused.cancel()
         if task not in done:
-            task.cancel()
-            _natsio.abort_transport(nc)
-            if refused in done:
+            self._abandon(nc, task)
+            await asyncio.wait({task}, timeout=0.5)
+            if refused.done() and not refused.cancelled():
                 raise ConnectError(
                     f"cluster {self.name!r}: connection refused: {redact(str(refused.result()))}",
                     cluster=self.name,
                 ) from refused.result()
             raise self._connect_timeout()
-        refused.cancel()
         exc = task.exception()
         if exc is not None:
-            _natsio.abort_transport(nc)
+            self._abandon(nc, task)
             raise ConnectError(
                 f"cluster {self.name!r}: could not connect: {redact(str(exc))}", cluster=self.name
             ) from exc
@@ -256,6 +261,11 @@ class NatsCluster:
         self._ever_connected = True
         self.ready = True
         self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
+
+    @staticmethod
+    def _abandon(nc: Client, task: asyncio.Task[None]) -> None:
+        task.cancel()
+        _natsio.abort_transport(nc)
 
     def _server_of(self, nc: Client) -> str:
         url = nc.connected_url

@@ -23,6 +23,14 @@ from openfactory_nats import (
 from .servers import NatsServer, SilentServer, TcpProxy, free_port
 
 
+async def wait_state(cluster: NatsCluster, state: ClusterState, timeout: float = 5.0) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if cluster.state is state:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{cluster!r} did not reach {state} within {timeout} s")
+
+
 @pytest.fixture(params=["fast", "public-api"])
 def api_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "public-api":
@@ -153,8 +161,7 @@ def test_full_reconnect_buffer_is_a_clear_error(server: NatsServer, proxy: TcpPr
         cluster = NatsCluster("C1", [proxy.url], logger, reconnect_time_wait=0.1, max_pending_bytes=64 * 1024)
         await cluster.connect()
         proxy.cut()
-        while cluster.state is not ClusterState.RECONNECTING:
-            await asyncio.sleep(0.01)
+        await wait_state(cluster, ClusterState.RECONNECTING)
         with pytest.raises(BufferFullError) as info:
             for _ in range(1000):
                 await cluster.publish("full", b"x" * 1000)
@@ -213,8 +220,7 @@ def test_close_while_reconnecting_ends_closed(server: NatsServer, logger: loggin
         await cluster.publish("x", b"1")
         await cluster.flush(5)
         server.kill()
-        while cluster.state is not ClusterState.RECONNECTING:
-            await asyncio.sleep(0.01)
+        await wait_state(cluster, ClusterState.RECONNECTING)
         await cluster.publish("x", b"lost")
         started = time.monotonic()
         await asyncio.gather(cluster.close(), cluster.close(), cluster.close())
@@ -323,8 +329,7 @@ def test_logging_names_the_cluster_and_nats_py_stays_quiet(
         cluster = NatsCluster("C7", [server.url], logger, reconnect_time_wait=0.1)
         await cluster.connect()
         server.kill()
-        while cluster.state is not ClusterState.RECONNECTING:
-            await asyncio.sleep(0.01)
+        await wait_state(cluster, ClusterState.RECONNECTING)
         await asyncio.sleep(0.3)
         server.start()
         for _ in range(300):

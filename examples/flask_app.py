@@ -1,0 +1,36 @@
+"""A Flask app that publishes to NATS from its request handlers.
+
+Run it under gunicorn with several workers and threads; ``--preload`` imports this module
+(and connects) in the master process before the workers are forked, which the library
+handles: each worker gets its own connection on first use.
+
+    NATS_URL=nats://127.0.0.1:4222 gunicorn --preload -w 2 --threads 4 examples.flask_app:app
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flask import Flask, request
+
+from openfactory_nats import SyncNatsCluster
+
+logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
+log = logging.getLogger("flask_app")
+
+nats = SyncNatsCluster("web", os.environ.get("NATS_URL", "nats://127.0.0.1:4222").split(","), log, timeout=5.0)
+nats.connect()  # connect at import time: under --preload this happens before the fork
+
+app = Flask(__name__)
+
+
+@app.post("/assets/<asset_id>")
+def publish_asset(asset_id: str) -> tuple[dict[str, object], int]:
+    try:
+        nats.publish(f"assets.{asset_id}", request.get_data())
+    except (ValueError, TypeError) as exc:
+        return {"error": str(exc)}, 400
+    except (RuntimeError, TimeoutError) as exc:
+        return {"error": str(exc)}, 503
+    return {"published": asset_id, "pid": os.getpid()}, 202
