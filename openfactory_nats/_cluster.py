@@ -347,6 +347,17 @@ class NatsCluster:
         copied = dict(headers) if isinstance(headers, Mapping) else None
         return (subject, payload_bytes(payload), copied, len(frame)), len(frame)
 
+    def reserve(self, size: int, timeout: float) -> None:
+        """Wait (any thread but the loop's) until a message of *size* bytes fits.
+
+        :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
+        """
+        try:
+            self._outbox.reserve(size, timeout)
+        except BufferFullError:
+            self._count("refused")
+            raise
+
     def enqueue(self, item: Item, size: int, timeout: float) -> None:
         """Queue a prepared message from any thread, waiting up to *timeout* for room.
 

@@ -72,10 +72,7 @@ class Outbox(Generic[T]):
 
         :raises BufferFullError: when there is still no room after *timeout* seconds.
         """
-        try:
-            lease: _Lease = self._tls.lease
-        except AttributeError:
-            lease = self._tls.lease = _Lease(self._returns)
+        lease = self._lease()
         if lease.left < size:
             self._renew(lease, size, timeout)
         lease.left -= size
@@ -83,6 +80,28 @@ class Outbox(Generic[T]):
         if not self.scheduled:
             self.scheduled = True
             self._wake()
+
+    def _lease(self) -> _Lease:
+        try:
+            lease: _Lease = self._tls.lease
+        except AttributeError:
+            lease = self._tls.lease = _Lease(self._returns)
+        return lease
+
+    def must_wait(self, size: int) -> bool:
+        """A hint: True when queueing *size* bytes now would have to wait for room."""
+        return self._lease().left < size and self._available < size
+
+    def reserve(self, size: int, timeout: float) -> None:
+        """Wait up to *timeout* s until this thread's lease covers *size* bytes, so that
+        the next :meth:`put` of that size does not wait. A caller holding a large message
+        can drop it while waiting, keeping memory within the budget.
+
+        :raises BufferFullError: when there is still no room after *timeout* seconds.
+        """
+        lease = self._lease()
+        if lease.left < size:
+            self._renew(lease, size, timeout)
 
     def _renew(self, lease: _Lease, size: int, timeout: float) -> None:
         if size > self.capacity:

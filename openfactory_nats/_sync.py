@@ -24,6 +24,7 @@ __all__ = ("SyncNatsCluster",)
 T = TypeVar("T")
 _log = logging.getLogger("openfactory_nats")
 _AT_EXIT_TIMEOUT = 5.0
+_LARGE = 64 * 1024
 _instances: weakref.WeakSet[SyncNatsCluster] = weakref.WeakSet()
 # What a forked child inherited from its parent: kept alive and untouched, because
 # closing an inherited event loop would deregister the parent's sockets from the epoll
@@ -143,7 +144,13 @@ class SyncNatsCluster:
             wait = self._timeout if timeout is None else check_timeout(timeout)
             if core._fast:
                 frame = build_frame(subject, payload, headers, core._max_payload)
-                core.enqueue(frame, len(frame), wait)
+                size = len(frame)
+                if size > _LARGE and core._outbox.must_wait(size):
+                    # Don't hold a large copy while waiting for room: the cap is on memory.
+                    del frame
+                    core.reserve(size, wait)
+                    frame = build_frame(subject, payload, headers, core._max_payload)
+                core.enqueue(frame, size, wait)
             else:
                 item, size = core.prepare(subject, payload, headers, core._max_payload)
                 core.enqueue(item, size, wait)

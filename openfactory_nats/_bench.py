@@ -1,0 +1,362 @@
+"""Publish throughput, latency and memory, side by side with plain nats-py.
+
+Every facade figure is reported as a ratio to plain nats-py asyncio publishing measured in
+the same run against the same server; rounds alternate between the paths and medians are
+quoted. Run it with ``openfactory-nats bench`` or ``python benchmarks/bench_publish.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+
+from ._embedded import EmbeddedServer
+from ._errors import BufferFullError
+from ._sync import SyncNatsCluster
+
+__all__ = ("BenchConfig", "run_benchmark")
+
+_log = logging.getLogger("openfactory_nats.bench")
+_SUBJECT = "bench.publish"
+_MIB = 1024 * 1024
+
+
+@dataclass
+class BenchConfig:
+    """What to measure."""
+
+    servers: list[str] | None = None
+    messages: int = 200_000
+    sizes: Sequence[int] = (16, 128, 4096, 65536)
+    rounds: int = 3
+    naive_messages: int = 20_000
+    latency_seconds: float = 3.0
+    latency_rate: int = 10_000
+    stall: bool = True
+    stall_cap: int = 64 * _MIB
+    byte_budget: int = 256 * _MIB
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def count_for(self, size: int) -> int:
+        return max(1000, min(self.messages, self.byte_budget // max(size, 1)))
+
+
+# -- the paths compared ----------------------------------------------------------------
+def _plain(url: str, count: int, payload: bytes) -> float:
+    async def main() -> float:
+        nc = await nats.connect(url)
+        started = time.perf_counter()
+        for _ in range(count):
+            await nc.publish(_SUBJECT, payload)
+        await nc.flush(timeout=60)
+        elapsed = time.perf_counter() - started
+        await nc.close()
+        return count / elapsed
+
+    return asyncio.run(main())
+
+
+def _naive(url: str, count: int, payload: bytes) -> float:
+    """One blocking ``run_coroutine_threadsafe(...).result()`` per message."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        nc = asyncio.run_coroutine_threadsafe(nats.connect(url), loop).result(10)
+        started = time.perf_counter()
+        for _ in range(count):
+            asyncio.run_coroutine_threadsafe(nc.publish(_SUBJECT, payload), loop).result(10)
+        asyncio.run_coroutine_threadsafe(nc.flush(timeout=60), loop).result(70)
+        elapsed = time.perf_counter() - started
+        asyncio.run_coroutine_threadsafe(nc.close(), loop).result(10)
+        return count / elapsed
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def _facade(url: str, count: int, payload: bytes, threads: int) -> float:
+    per_thread = count // threads
+    with SyncNatsCluster("bench", [url], _log, timeout=60) as cluster:
+        cluster.connect()
+
+        def work() -> None:
+            publish = cluster.publish
+            for _ in range(per_thread):
+                publish(_SUBJECT, payload)
+
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        started = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        cluster.flush(60)
+        elapsed = time.perf_counter() - started
+    return per_thread * threads / elapsed
+
+
+# -- latency ------------------------------------------------------------------------------
+def _latency(url: str, seconds: float, rate: int) -> dict[str, float]:
+    """Publish *rate* msgs/s from one thread; a subscriber process measures the latency.
+
+    Payloads carry ``time.monotonic_ns()``, a clock shared by all processes on the host.
+    """
+    count = int(seconds * rate)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "openfactory_nats._bench", "--latency-subscriber", url, str(count)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("latency subscriber did not start")
+        with SyncNatsCluster("latency", [url], _log) as cluster:
+            cluster.connect()
+            interval = 1.0 / rate
+            start = time.perf_counter()
+            for i in range(count):
+                # Sleep rather than spin: a spinning thread would keep the GIL from the
+                # event-loop thread for a whole switch interval (5 ms).
+                delay = start + i * interval - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                cluster.publish(_SUBJECT, b"%d" % time.monotonic_ns())
+            cluster.flush(10)
+        out, _ = child.communicate(timeout=seconds + 30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(5)
+    result: dict[str, float] = json.loads(out)
+    return result
+
+
+def _latency_subscriber(url: str, count: int) -> None:
+    async def main() -> None:
+        received: list[int] = []
+        done = asyncio.Event()
+
+        async def on_msg(msg: Any) -> None:
+            received.append(time.monotonic_ns() - int(msg.data))
+            if len(received) >= count:
+                done.set()
+
+        nc = await nats.connect(url)
+        await nc.subscribe(_SUBJECT, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        await nc.flush()
+        print("ready", flush=True)
+        try:
+            await asyncio.wait_for(done.wait(), timeout=count / 1000 + 30)
+        except TimeoutError:
+            pass
+        await nc.close()
+        ordered = sorted(received)
+
+        def pct(p: float) -> float:
+            return ordered[min(len(ordered) - 1, int(p * len(ordered)))] / 1e6 if ordered else float("nan")
+
+        print(json.dumps({"received": len(ordered), "expected": count, "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                          "p999_ms": pct(0.999), "max_ms": ordered[-1] / 1e6 if ordered else float("nan")}))  # fmt: skip
+
+    asyncio.run(main())
+
+
+# -- memory against a stalled server --------------------------------------------------------
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _stall(url: str, server_pid: int, cap: int) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "openfactory_nats._bench", "--stall-child", url, str(server_pid), str(cap)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def _stall_child(url: str, server_pid: int, cap: int) -> None:
+    """Threads publish 1 MiB messages while the server is SIGSTOPped; report RSS growth."""
+    payload = b"x" * (_MIB - 64)
+    peak = 0
+    refused = 0
+    stop = threading.Event()
+    with SyncNatsCluster("stall", [url], _log, max_pending_bytes=cap, drain_timeout=1.0) as cluster:
+        cluster.connect()
+        cluster.publish(_SUBJECT, payload)
+        cluster.flush(10)
+        baseline = _rss_bytes()
+        os.kill(server_pid, signal.SIGSTOP)
+        try:
+
+            def work() -> None:
+                nonlocal refused
+                while not stop.is_set():
+                    try:
+                        cluster.publish(_SUBJECT, payload, timeout=0.2)
+                    except BufferFullError:
+                        refused += 1
+
+            workers = [threading.Thread(target=work) for _ in range(4)]
+            for worker in workers:
+                worker.start()
+            deadline = time.monotonic() + 4.0
+            while time.monotonic() < deadline:
+                peak = max(peak, _rss_bytes())
+                time.sleep(0.01)
+            stop.set()
+            for worker in workers:
+                worker.join(10)
+            peak = max(peak, _rss_bytes())
+        finally:
+            os.kill(server_pid, signal.SIGCONT)
+    growth = peak - baseline
+    print(json.dumps({"cap_mib": cap / _MIB, "rss_growth_mib": growth / _MIB, "ratio_to_cap": growth / cap,
+                      "refused": refused}))  # fmt: skip
+
+
+# -- driver ------------------------------------------------------------------------------
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _in_msgs(server: EmbeddedServer | None) -> int | None:
+    if server is None:
+        return None
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/varz", timeout=5) as resp:
+        return int(json.loads(resp.read())["in_msgs"])
+
+
+def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Run every measurement and return the results (see :func:`format_table`)."""
+    server = None if config.servers else EmbeddedServer("bench").start()
+    url = config.servers[0] if config.servers else server.url  # type: ignore[union-attr]
+    results: dict[str, Any] = {"machine": _machine(server), "throughput": [], "delivery_checked": server is not None}
+    try:
+        for size in config.sizes:
+            count = config.count_for(size)
+            payload = b"x" * size
+            runs: dict[str, list[float]] = {"plain": [], "facade_1": [], "facade_8": []}
+            paths: list[tuple[str, Callable[[], float], int]] = [
+                ("plain", lambda: _plain(url, count, payload), count),
+                ("facade_1", lambda: _facade(url, count, payload, 1), count),
+                ("facade_8", lambda: _facade(url, count, payload, 8), count // 8 * 8),
+            ]
+            if size == 128:
+                runs["naive"] = []
+                paths.append(("naive", lambda: _naive(url, config.naive_messages, payload), config.naive_messages))
+            for round_no in range(config.rounds):
+                ordered = paths if round_no % 2 == 0 else list(reversed(paths))
+                for name, measure, expected in ordered:
+                    before = _in_msgs(server)
+                    rate = measure()
+                    after = _in_msgs(server)
+                    if before is not None and after is not None and after - before != expected:
+                        raise RuntimeError(f"{name}: server received {after - before} of {expected} messages")
+                    runs[name].append(rate)
+                    progress(f"{size:>6} B  round {round_no + 1}  {name:<9} {rate:>12,.0f} msgs/s")
+            plain = _median(runs["plain"])
+            row: dict[str, Any] = {"size": size, "messages": count, "plain": plain}
+            for name in runs:
+                if name != "plain":
+                    row[name] = _median(runs[name])
+                    row[f"{name}_ratio"] = row[name] / plain
+            results["throughput"].append(row)
+        if config.latency_seconds > 0:
+            progress(f"latency: {config.latency_rate} msgs/s for {config.latency_seconds:g} s")
+            results["latency"] = _latency(url, config.latency_seconds, config.latency_rate)
+        if config.stall and server is not None and server.proc is not None:
+            progress("stalled server: 4 threads publishing 1 MiB messages")
+            results["stall"] = _stall(url, server.proc.pid, config.stall_cap)
+    finally:
+        if server is not None:
+            server.close()
+    return results
+
+
+def _machine(server: EmbeddedServer | None) -> dict[str, Any]:
+    version = "?"
+    if server is not None:
+        out = subprocess.run([server.args()[0], "--version"], capture_output=True, text=True, check=False)
+        version = out.stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "nats_py": importlib.metadata.version("nats-py"),
+        "nats_server": version,
+    }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Render results as a plain-text table."""
+    m = results["machine"]
+    lines = [
+        f"{m['date']}  {m['cpus']} CPUs {m['cpu']}  Python {m['python']}  nats-py {m['nats_py']}  {m['nats_server']}",
+        "",
+        f"{'payload':>8} {'messages':>9} {'nats-py':>12} {'facade 1 thr':>20} {'facade 8 thr':>20} {'naive r_c_t':>18}",
+    ]
+    for row in results["throughput"]:
+        naive = f"{row['naive']:>9,.0f} {row['naive_ratio']:>5.2f}x" if "naive" in row else ""
+        lines.append(
+            f"{row['size']:>7}B {row['messages']:>9} {row['plain']:>12,.0f} "
+            f"{row['facade_1']:>12,.0f} {row['facade_1_ratio']:>5.2f}x "
+            f"{row['facade_8']:>12,.0f} {row['facade_8_ratio']:>5.2f}x {naive:>18}"
+        )
+    lines.append("(msgs/s, medians; ratios are to nats-py asyncio in the same run)")
+    if "latency" in results:
+        lat = results["latency"]
+        lines.append(
+            f"latency at {lat['received']}/{lat['expected']} msgs: p50 {lat['p50_ms']:.3f} ms  "
+            f"p99 {lat['p99_ms']:.3f} ms  p99.9 {lat['p999_ms']:.3f} ms  max {lat['max_ms']:.3f} ms"
+        )
+    if "stall" in results:
+        st = results["stall"]
+        lines.append(
+            f"stalled server: RSS grew {st['rss_growth_mib']:.1f} MiB against a cap of {st['cap_mib']:.0f} MiB "
+            f"({st['ratio_to_cap']:.2f}x); {st['refused']:.0f} publishes refused with BufferFullError"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m openfactory_nats._bench`` (also the helper processes)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--latency-subscriber"]:
+        _latency_subscriber(args[1], int(args[2]))
+        return 0
+    if args[:1] == ["--stall-child"]:
+        _stall_child(args[1], int(args[2]), int(args[3]))
+        return 0
+    raise SystemExit("use `openfactory-nats bench` or benchmarks/bench_publish.py")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
