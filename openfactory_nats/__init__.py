@@ -1,7 +1,5 @@
 """Publish to NATS clusters from blocking code, reliably and fast."""
 
-from __future__ import annotations
-
 from ._cluster import DEFAULT_MAX_PENDING_BYTES, NatsCluster
 from ._errors import (
     BufferFullError,

@@ -36,10 +36,22 @@ _DEFAULT_MAX_PAYLOAD = 1024 * 1024
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "discovered_server_cb", "lame_duck_mode_cb")
 _RESERVED = ("servers", "allow_reconnect", "max_reconnect_attempts", "pending_size")
 _POLL_INTERVAL = 0.002
+_HIGH_WATER = 4 * 1024 * 1024  # most bytes handed to nats-py and not yet on the socket
 _PING_PATIENCE = 3600.0  # see NatsCluster._ping
 _STAT_KEYS = ("published", "bytes", "errors", "reconnects", "disconnects", "dropped", "dropped_bytes", "refused")
 
 Item = Any  # a frame (fast path) or a (subject, payload, headers) tuple (public-API path)
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    """True for the server refusing our credentials; nats-py 2.16 reports that as a plain
+    ``nats.errors.Error`` during the first connection."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, nats.errors.AuthorizationError)
+        or "authorization violation" in text
+        or ("authentication" in text and ("expired" in text or "timeout" in text or "fail" in text))
+    )
 
 
 class NatsCluster:
@@ -92,13 +104,20 @@ class NatsCluster:
         self._user_callbacks = {key: options.pop(key) for key in _CALLBACKS if key in options}
         self._options = options
         self._fast = _natsio.supports_fast_path()
-        self._outbox: Outbox[Item] = Outbox(max_pending_bytes, self._wake, name)
+        # Up to the high-water mark of bytes sits in nats-py's buffer and the transport;
+        # writing it to the socket briefly copies it twice more. The budget of the queue
+        # leaves room for that, so that the whole stays within max_pending_bytes.
+        self._high_water = max(1024, min(_HIGH_WATER, max_pending_bytes // 16))
+        self._outbox: Outbox[Item] = Outbox(
+            max_pending_bytes - 2 * self._high_water, self._wake, name, limit=max_pending_bytes
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._max_payload = _DEFAULT_MAX_PAYLOAD
         self._in_flight = 0
         self._pump_task: asyncio.Task[None] | None = None
         self._pings: set[asyncio.Task[None]] = set()
+        self._feeder: asyncio.Task[None] | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
         self._close_task: asyncio.Task[None] | None = None
         self._connecting = False
@@ -191,7 +210,7 @@ class NatsCluster:
         try:
             await asyncio.wait_for(self._lock.acquire(), self.connect_timeout)
         except TimeoutError:
-            raise self._connect_timeout() from None
+            raise self.connect_timeout_error() from None
         try:
             self._check_open()
             if not self._client_usable():
@@ -207,11 +226,12 @@ class NatsCluster:
             self._loop = loop
             self._loop_thread = threading.current_thread()
 
-    def _connect_timeout(self) -> ConnectTimeoutError:
+    def connect_timeout_error(self, timeout: float | None = None) -> ConnectTimeoutError:
+        """The error for a connection not made within *timeout* s (``connect_timeout``)."""
         servers = ", ".join(redact_url(u) for u in self.servers)
+        seconds = self.connect_timeout if timeout is None else timeout
         return ConnectTimeoutError(
-            f"cluster {self.name!r}: could not connect to [{servers}] within {self.connect_timeout:g} s",
-            cluster=self.name,
+            f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s", cluster=self.name
         )
 
     async def _open_client(self, deadline: float) -> None:
@@ -255,7 +275,7 @@ class NatsCluster:
                     f"cluster {self.name!r}: connection refused: {redact(str(refused.result()))}",
                     cluster=self.name,
                 ) from refused.result()
-            raise self._connect_timeout()
+            raise self.connect_timeout_error()
         exc = task.exception()
         if exc is not None:
             self._abandon(nc, task)
@@ -291,7 +311,7 @@ class NatsCluster:
 
         async def error_cb(exc: Exception) -> None:
             self._count("errors")
-            if isinstance(exc, nats.errors.AuthorizationError) and not refused.done():
+            if _is_auth_failure(exc) and not refused.done():
                 refused.set_result(exc)
             self.logger.warning("cluster %s: error: %s", self.name, redact(str(exc) or type(exc).__name__))
             await chain("error_cb", exc)
@@ -307,6 +327,7 @@ class NatsCluster:
             self._cancel_pings()  # nats-py dropped their PONG futures when it reconnected
             self._max_payload = nc.max_payload or self._max_payload
             self.logger.info("cluster %s: reconnected to %s", self.name, self._server_of(nc))
+            self._on_wake()  # send what waited during the outage
             await chain("reconnected_cb")
 
         async def closed_cb() -> None:
@@ -396,11 +417,13 @@ class NatsCluster:
         deadline = loop.time() + wait
         while True:
             try:
-                self.enqueue(item, size, 0.0)
+                self._outbox.put(item, size, 0.0)
                 break
             except BufferFullError:
                 if loop.time() >= deadline:
+                    self._count("refused")
                     raise
+                self._on_wake()
                 await asyncio.sleep(_POLL_INTERVAL)
         self._on_wake()
 
@@ -421,14 +444,23 @@ class NatsCluster:
             self._outbox.scheduled = False
             return
         if self._fast:
-            frames = self._outbox.take()
-            if frames:
-                nbytes = sum(map(len, frames))
-                _natsio.append_frames(nc, frames, nbytes)
-                self._in_flight += nbytes
-                with self._stats_lock:
-                    self._stats["published"] += len(frames)
-                    self._stats["bytes"] += nbytes
+            if nc.is_connected:
+                # Keep nats-py's buffer and the transport's small: what does not fit waits
+                # here, budgeted, instead of being copied into ever larger socket writes.
+                room = self._high_water - _natsio.buffered_bytes(nc)
+                frames = self._outbox.take(room) if room > 0 else []
+                if frames:
+                    nbytes = sum(map(len, frames))
+                    _natsio.append_frames(nc, frames, nbytes)
+                    self._in_flight += nbytes
+                    with self._stats_lock:
+                        self._stats["published"] += len(frames)
+                        self._stats["bytes"] += nbytes
+                if len(self._outbox) and (self._feeder is None or self._feeder.done()):
+                    self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
+            else:
+                # Reconnecting: messages wait here, in order, until reconnected_cb wakes us.
+                self._outbox.scheduled = False
             self._reconcile(nc)
         elif self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.get_running_loop().create_task(self._pump_public(nc))
@@ -450,13 +482,30 @@ class NatsCluster:
                 self._outbox.release(size)
 
     def _reconcile(self, nc: Client) -> None:
-        """Return the budget of bytes that have left the process; poll while producers wait."""
+        """Return the budget of bytes that have left the process; poll while producers wait
+        or messages wait for room in the transport."""
         held = _natsio.buffered_bytes(nc)
         if held < self._in_flight:
             self._outbox.release(self._in_flight - held)
             self._in_flight = held
         if self._outbox.waiters and self._poll_handle is None and self._loop is not None:
             self._poll_handle = self._loop.call_later(_POLL_INTERVAL, self._poll)
+
+    async def _feed(self, nc: Client) -> None:
+        """Move queued messages into the client as the socket takes them (event-driven:
+        the transport's flow control wakes it, there is no polling)."""
+        backlog = -1
+        while len(self._outbox) and nc is self.nc and nc.is_connected:
+            await asyncio.sleep(0)  # let nats-py's flusher write what it holds
+            try:
+                await _natsio.wait_writable(nc)
+            except Exception:
+                return  # the connection is going; reconnected_cb resumes the feeding
+            held = _natsio.buffered_bytes(nc)
+            if held == backlog:  # the flusher made no progress: don't spin
+                await asyncio.sleep(_POLL_INTERVAL)
+            backlog = held
+            self._on_wake()
 
     def _poll(self) -> None:
         self._poll_handle = None
@@ -493,9 +542,7 @@ class NatsCluster:
             nc = self.nc
             if nc is None or not self._client_usable():
                 raise ClusterUnavailableError(f"cluster {self.name!r}: connection lost during flush", cluster=self.name)
-            self._on_wake()
-            if self._pump_task is not None and not self._pump_task.done():
-                await self._bounded(asyncio.shield(self._pump_task), deadline - loop.time())
+            await self._pump_all(nc, deadline)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ClusterTimeoutError(
@@ -517,6 +564,17 @@ class NatsCluster:
                     self._reconcile(nc)
                     return
             await asyncio.sleep(0.01)
+
+    async def _pump_all(self, nc: Client, deadline: float) -> None:
+        """Hand everything queued so far to the client, by *deadline* (loop time)."""
+        loop = asyncio.get_running_loop()
+        while nc.is_connected and loop.time() < deadline:
+            self._on_wake()
+            if self._pump_task is not None and not self._pump_task.done():
+                await self._bounded(asyncio.shield(self._pump_task), deadline - loop.time())
+            if not len(self._outbox):
+                return
+            await asyncio.sleep(_POLL_INTERVAL)
 
     async def _ping(self, nc: Client, timeout: float) -> bool:
         """One PING/PONG round trip; False when no PONG came within *timeout* s.
@@ -591,9 +649,7 @@ class NatsCluster:
         # nats-py offers no event for this state change, hence the polling.
         while (nc.is_reconnecting or nc.is_connecting) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        self._on_wake()  # move what is still queued here into the client
-        if self._pump_task is not None and not self._pump_task.done():
-            await self._bounded(asyncio.shield(self._pump_task), deadline - loop.time())
+        await self._pump_all(nc, deadline)  # move what is still queued here into the client
         drained = False
         if nc.is_connected:
             if self._fast:

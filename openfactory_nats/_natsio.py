@@ -22,6 +22,7 @@ __all__ = (
     "append_frames",
     "buffered_bytes",
     "supports_fast_path",
+    "wait_writable",
     "write_pending_now",
 )
 
@@ -47,6 +48,12 @@ def append_frames(nc: Client, frames: list[bytes], nbytes: int) -> None:
     queue: asyncio.Queue[Any] | None = nc._flush_queue
     if nc.is_connected and queue is not None and queue.empty():
         queue.put_nowait(asyncio.get_running_loop().create_future())
+
+
+async def wait_writable(nc: Client) -> None:
+    """Wait while the transport's buffer is over its high-water mark (asyncio flow control)."""
+    if nc._transport is not None:
+        await nc._transport.drain()  # type: ignore[no-untyped-call]
 
 
 def write_pending_now(nc: Client) -> None:

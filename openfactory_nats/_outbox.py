@@ -49,10 +49,13 @@ class Outbox(Generic[T]):
     :param wake: called (from a producer thread) when the consumer should run; it must be
         thread-safe and must not block.
     :param cluster: the cluster name, for error messages.
+    :param limit: the user-facing limit that *capacity* derives from, for error messages
+        (defaults to *capacity*).
     """
 
-    def __init__(self, capacity: int, wake: Callable[[], object], cluster: str) -> None:
+    def __init__(self, capacity: int, wake: Callable[[], object], cluster: str, limit: int | None = None) -> None:
         self.capacity = capacity
+        self.limit = capacity if limit is None else limit
         self.chunk = max(1, min(256 * 1024, capacity // 64))
         self.cluster = cluster
         self._wake = wake
@@ -88,10 +91,6 @@ class Outbox(Generic[T]):
             lease = self._tls.lease = _Lease(self._returns)
         return lease
 
-    def must_wait(self, size: int) -> bool:
-        """A hint: True when queueing *size* bytes now would have to wait for room."""
-        return self._lease().left < size and self._available < size
-
     def reserve(self, size: int, timeout: float) -> None:
         """Wait up to *timeout* s until this thread's lease covers *size* bytes, so that
         the next :meth:`put` of that size does not wait. A caller holding a large message
@@ -107,9 +106,9 @@ class Outbox(Generic[T]):
         if size > self.capacity:
             raise BufferFullError(
                 f"cluster {self.cluster!r}: a message of {size} bytes can never fit the "
-                f"outgoing buffer of {self.capacity} bytes",
+                f"outgoing buffer of {self.limit} bytes",
                 cluster=self.cluster,
-                capacity=self.capacity,
+                capacity=self.limit,
                 size=size,
             )
         deadline: float | None = None
@@ -123,11 +122,11 @@ class Outbox(Generic[T]):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise BufferFullError(
-                        f"cluster {self.cluster!r}: outgoing buffer full ({self.capacity} bytes "
+                        f"cluster {self.cluster!r}: outgoing buffer full ({self.limit} bytes "
                         f"queued or unwritten) for {timeout:g} s; the server is slow, stalled "
                         "or unreachable",
                         cluster=self.cluster,
-                        capacity=self.capacity,
+                        capacity=self.limit,
                         size=size,
                     )
                 self.waiters += 1
@@ -146,15 +145,23 @@ class Outbox(Generic[T]):
             self._available += self._returns.popleft()
 
     # -- consumer side (the event loop) ------------------------------------------------
-    def take(self) -> list[T]:
-        """Remove and return the items queued so far, oldest first."""
+    def take(self, max_bytes: int = 0, sizeof: Callable[[T], int] = len) -> list[T]:  # type: ignore[assignment]
+        """Remove and return queued items, oldest first: all of them, or (with
+        *max_bytes*) as many as it takes to reach *max_bytes*."""
         self.scheduled = False
         items = self._items
         count = len(items)
-        if count == 1:
-            return [items.popleft()]
         pop = items.popleft
-        return [pop() for _ in range(count)]
+        if not max_bytes:
+            return [pop() for _ in range(count)]
+        taken: list[T] = []
+        total = 0
+        while count and total < max_bytes:
+            item = pop()
+            taken.append(item)
+            total += sizeof(item)
+            count -= 1
+        return taken
 
     def release(self, nbytes: int) -> None:
         """Give *nbytes* back to the budget once they are no longer held in memory."""

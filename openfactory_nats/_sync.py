@@ -14,10 +14,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ._cluster import NatsCluster
-from ._errors import ClusterClosedError, ClusterTimeoutError, ConnectTimeoutError, WrongThreadError
+from ._errors import ClusterClosedError, ClusterTimeoutError, WrongThreadError
 from ._loop import LoopThread
 from ._state import ClusterState
-from ._wire import build_frame, check_timeout
+from ._wire import build_frame, check_timeout, frame_size, payload_bytes
 
 __all__ = ("SyncNatsCluster",)
 
@@ -143,14 +143,14 @@ class SyncNatsCluster:
         if core.ready and not self._forked and threading.get_ident() != self._loop_ident:
             wait = self._timeout if timeout is None else check_timeout(timeout)
             if core._fast:
+                if type(payload) is not bytes:
+                    payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
+                if len(payload) > _LARGE:
+                    # Make room before copying a large payload into a frame, so that no
+                    # copy waits outside the budget: the cap is on memory.
+                    core.reserve(frame_size(subject, payload, headers, core._max_payload), wait)
                 frame = build_frame(subject, payload, headers, core._max_payload)
-                size = len(frame)
-                if size > _LARGE and core._outbox.must_wait(size):
-                    # Don't hold a large copy while waiting for room: the cap is on memory.
-                    del frame
-                    core.reserve(size, wait)
-                    frame = build_frame(subject, payload, headers, core._max_payload)
-                core.enqueue(frame, size, wait)
+                core.enqueue(frame, len(frame), wait)
             else:
                 item, size = core.prepare(subject, payload, headers, core._max_payload)
                 core.enqueue(item, size, wait)
@@ -230,9 +230,7 @@ class SyncNatsCluster:
                 return future.result(0)  # the coroutine's own outcome, a timeout of ours included
             future.cancel()
             if connecting:
-                raise ConnectTimeoutError(
-                    f"cluster {self.name!r}: not connected within {timeout:g} s", cluster=self.name
-                ) from None
+                raise self._core.connect_timeout_error(timeout) from None
             raise ClusterTimeoutError(
                 f"cluster {self.name!r}: no answer within {timeout:g} s", cluster=self.name
             ) from None

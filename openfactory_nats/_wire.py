@@ -17,6 +17,7 @@ __all__ = (
     "build_frame",
     "check_timeout",
     "encode_headers",
+    "frame_size",
     "subject_bytes",
     "validate_subject",
 )
@@ -131,6 +132,22 @@ def build_frame(subject: object, payload: object, headers: object, max_payload: 
     if total > max_payload:
         raise InvalidMessageError(f"message of {total} bytes exceeds the server's max_payload of {max_payload}")
     return b"HPUB %b %d %d\r\n%b%b\r\n" % (subj, len(block), total, block, data)
+
+
+def frame_size(subject: object, payload: object, headers: object, max_payload: int) -> int:
+    """Validate a message as :func:`build_frame` does and return its frame's exact size,
+    without building it (for reserving room before copying a large payload)."""
+    subj = subject_bytes(subject)
+    size = len(payload_bytes(payload)) if not isinstance(payload, bytes) else len(payload)
+    if headers is None:
+        if size > max_payload:
+            raise InvalidMessageError(f"payload of {size} bytes exceeds the server's max_payload of {max_payload}")
+        return 4 + len(subj) + 1 + len(str(size)) + 2 + size + 2
+    hlen = len(encode_headers(headers))
+    total = hlen + size
+    if total > max_payload:
+        raise InvalidMessageError(f"message of {total} bytes exceeds the server's max_payload of {max_payload}")
+    return 5 + len(subj) + 1 + len(str(hlen)) + 1 + len(str(total)) + 2 + total + 2
 
 
 def check_timeout(value: object, name: str = "timeout") -> float:

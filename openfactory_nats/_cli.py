@@ -1,0 +1,187 @@
+"""The ``openfactory-nats`` command: ``demo``, ``publish`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import NatsClusterError
+from ._sync import SyncNatsCluster
+
+__all__ = ("main",)
+
+_log = logging.getLogger("openfactory_nats.cli")
+
+
+class CliError(Exception):
+    """A failure reported as one line and a non-zero exit status."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _servers(value: str) -> list[str]:
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if not urls:
+        raise argparse.ArgumentTypeError("expected one or more comma-separated URLs")
+    return urls
+
+
+def _header(value: str) -> tuple[str, str]:
+    name, sep, val = value.partition("=")
+    if not sep:
+        name, sep, val = value.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {value!r}")
+    return name.strip(), val.strip()
+
+
+def credentials_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> dict[str, Any]:
+    """nats-py connect options from ``NATS_USER``/``NATS_PASSWORD``, ``NATS_TOKEN`` and
+    ``NATS_CREDS``, so that secrets stay out of shell history and process lists."""
+    options: dict[str, Any] = {}
+    if env.get("NATS_USER"):
+        options["user"] = env["NATS_USER"]
+        options["password"] = env.get("NATS_PASSWORD", "")
+    if env.get("NATS_TOKEN"):
+        options["token"] = env["NATS_TOKEN"]
+    if env.get("NATS_CREDS"):
+        options["user_credentials"] = env["NATS_CREDS"]
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common.add_argument("--timeout", type=float, default=10.0, help="seconds for each blocking step (default 10)")
+    parser = argparse.ArgumentParser(prog="openfactory-nats", description="Publish to NATS from blocking code.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", parents=[common], help="publish from threads and check every message arrived")
+    demo.add_argument("--servers", type=_servers, help="cluster URLs (default: an embedded nats-server)")
+    demo.add_argument("--threads", type=int, default=4)
+    demo.add_argument("--messages", type=int, default=2500, help="messages per thread")
+    demo.add_argument("--assets", type=int, default=20)
+    demo.add_argument("--rate", type=float, default=20_000, help="total msgs/s; 0 for as fast as possible")
+
+    pub = sub.add_parser("publish", parents=[common], help="publish PAYLOAD, or each line of stdin")
+    pub.add_argument("--servers", type=_servers, required=True)
+    pub.add_argument("--header", "--headers", dest="headers", type=_header, action="append", default=[],
+                     metavar="NAME=VALUE", help="a message header (repeatable)")  # fmt: skip
+    pub.add_argument("subject")
+    pub.add_argument("payload", nargs="?")
+
+    bench = sub.add_parser("bench", parents=[common], help="measure throughput next to plain nats-py")
+    bench.add_argument("--servers", type=_servers, help="a server to measure against (default: embedded)")
+    bench.add_argument("--messages", type=int, default=200_000)
+    bench.add_argument("--rounds", type=int, default=3)
+    bench.add_argument("--sizes", default="16,128,4096,65536", help="payload sizes in bytes")
+    bench.add_argument("--latency-seconds", type=float, default=3.0)
+    bench.add_argument("--no-stall", action="store_true", help="skip the stalled-server memory test")
+    bench.add_argument("--json", action="store_true", help="print machine-readable results")
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    if args.threads < 1 or args.messages < 1 or args.assets < 1 or args.rate < 0:
+        raise CliError("--threads, --messages and --assets must be at least 1, --rate at least 0", 2)
+    embedded = None
+    servers = args.servers
+    if servers is None:
+        from ._embedded import EmbeddedServer
+
+        try:
+            embedded = EmbeddedServer("demo").start()
+        except FileNotFoundError as exc:
+            raise CliError(str(exc)) from exc
+        servers = [embedded.url]
+        print(f"embedded nats-server on {embedded.url}", file=sys.stderr)
+    try:
+        result = run_demo(
+            servers,
+            threads=args.threads,
+            messages=args.messages,
+            assets=args.assets,
+            timeout=args.timeout,
+            rate=args.rate,
+            options=credentials_from_env(),
+            progress=sys.stderr,
+        )
+    finally:
+        if embedded is not None:
+            embedded.close()
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _publish(args: argparse.Namespace) -> int:
+    headers = dict(args.headers) or None
+    sent = 0
+    tty = sys.stderr.isatty()
+    with SyncNatsCluster("cli", args.servers, _log, timeout=args.timeout, connect_timeout=args.timeout,
+                         **credentials_from_env()) as cluster:  # fmt: skip
+        cluster.connect()
+        if args.payload is not None:
+            cluster.publish(args.subject, args.payload.encode(), headers=headers)
+            sent = 1
+        else:
+            for line in sys.stdin.buffer:
+                cluster.publish(args.subject, line.rstrip(b"\r\n"), headers=headers)
+                sent += 1
+                if tty and sent % 1000 == 0:
+                    print(f"\rpublished {sent}", end="", file=sys.stderr, flush=True)
+        cluster.flush(args.timeout)
+    if tty:
+        print(f"\rpublished {sent}", file=sys.stderr)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from ._bench import BenchConfig, format_table, run_benchmark
+
+    try:
+        sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
+    except ValueError:
+        raise CliError(f"--sizes must be comma-separated integers, not {args.sizes!r}", 2) from None
+    config = BenchConfig(
+        servers=args.servers,
+        messages=args.messages,
+        sizes=sizes,
+        rounds=args.rounds,
+        latency_seconds=args.latency_seconds,
+        stall=not args.no_stall,
+    )
+    results = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.timeout <= 0:
+            raise CliError("--timeout must be positive", 2)
+        handler = {"demo": _demo, "publish": _publish, "bench": _bench}[args.command]
+        return handler(args)
+    except CliError as exc:
+        print(f"openfactory-nats: error: {exc}", file=sys.stderr)
+        return exc.status
+    except (ValueError, TypeError) as exc:
+        print(f"openfactory-nats: error: {exc}", file=sys.stderr)
+        return 2
+    except (NatsClusterError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"openfactory-nats: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("openfactory-nats: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,101 @@
+"""The command-line tool, run as a subprocess against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .servers import NatsServer, free_port
+
+CLI = [sys.executable, "-m", "openfactory_nats"]
+
+
+def run(args: list[str], stdin: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 60) -> Any:
+    return subprocess.run(
+        CLI + args, input=stdin, capture_output=True, timeout=timeout, env=dict(os.environ, **(env or {}))
+    )
+
+
+def test_stdin_lines_arrive_in_order(server: NatsServer, subscriber_factory: Any) -> None:
+    sub = subscriber_factory(server.url, "lines")
+    lines = b"".join(b"line %d\n" % i for i in range(1000))
+    result = run(["publish", "--servers", server.url, "lines"], stdin=lines)
+    assert result.returncode == 0, result.stderr
+    got = sub.wait_for(1000)
+    assert [m.data for m in got] == [b"line %d" % i for i in range(1000)]
+
+
+def test_payload_argument_and_headers(server: NatsServer, subscriber_factory: Any) -> None:
+    sub = subscriber_factory(server.url, "one")
+    result = run(["publish", "--servers", server.url, "--header", "Kind=test", "--headers", "X:1", "one", "hello"])
+    assert result.returncode == 0, result.stderr
+    (msg,) = sub.wait_for(1)
+    assert msg.data == b"hello" and msg.headers == {"Kind": "test", "X": "1"}
+
+
+def test_unreachable_server_is_a_clean_error() -> None:
+    started = time.monotonic()
+    result = run(["publish", "--servers", f"nats://127.0.0.1:{free_port()}", "--timeout", "1", "a", "x"])
+    assert result.returncode == 1
+    assert time.monotonic() - started < 10
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    assert err.startswith("openfactory-nats: error: ") and "could not connect" in err
+
+
+def test_bad_subject_is_refused(server: NatsServer) -> None:
+    for subject in ("a..b", "a b", "a.*", ""):
+        result = run(["publish", "--servers", server.url, subject, "x"])
+        assert result.returncode == 2, subject
+        err = result.stderr.decode()
+        assert "Traceback" not in err and "subject" in err
+    assert server.monitor("varz")["in_msgs"] == 0
+
+
+def test_credentials_come_from_the_environment(subscriber_factory: Any) -> None:
+    server = NatsServer(name="auth", extra=["--user", "alice", "--pass", "s3cret"]).start()
+    try:
+        url = server.url
+        ok = run(["publish", "--servers", url, "auth", "x"], env={"NATS_USER": "alice", "NATS_PASSWORD": "s3cret"})
+        assert ok.returncode == 0, ok.stderr
+        assert server.monitor("varz")["in_msgs"] == 1
+        started = time.monotonic()
+        bad = run(
+            ["publish", "--servers", url, "--log-level", "DEBUG", "auth", "x"],
+            env={"NATS_USER": "alice", "NATS_PASSWORD": "wrong-pw"},
+        )
+        assert bad.returncode == 1 and time.monotonic() - started < 5
+        err = bad.stderr.decode()
+        assert "Traceback" not in err and "authorization" in err.lower()
+        assert "wrong-pw" not in err
+    finally:
+        server.close()
+
+
+def test_demo_exits_zero_on_the_embedded_server() -> None:
+    result = run(["demo", "--threads", "3", "--messages", "500"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "delivered  1500 of 1500" in out and ": OK" in out
+    assert "embedded nats-server on nats://127.0.0.1:" in result.stderr.decode()
+
+
+def test_demo_against_given_servers(server: NatsServer) -> None:
+    result = run(["demo", "--servers", server.url, "--threads", "2", "--messages", "200", "--rate", "0"])
+    assert result.returncode == 0, result.stderr
+    assert server.monitor("varz")["in_msgs"] == 400
+
+
+def test_bench_smoke_run() -> None:
+    args = ["bench", "--messages", "3000", "--rounds", "1", "--sizes", "128", "--latency-seconds", "0.2", "--no-stall"]
+    result = run([*args, "--json"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    (row,) = data["throughput"]
+    assert row["size"] == 128 and row["plain"] > 0 and row["facade_1_ratio"] > 0 and row["facade_8_ratio"] > 0
+    assert data["latency"]["received"] == data["latency"]["expected"] == 2000
+    assert data["machine"]["nats_py"]
