@@ -14,6 +14,8 @@ from ._errors import (
     PublishError,
     WrongThreadError,
 )
+from ._ring import HashRing
+from ._router import ClusterRouter, SyncClusterRouter, clusters_from_env
 from ._state import ClusterState
 from ._sync import SyncNatsCluster
 from ._wire import validate_subject
@@ -22,8 +24,10 @@ __version__ = "0.1.0"
 
 __all__ = (
     "DEFAULT_MAX_PENDING_BYTES",
+    "HashRing",
     "BufferFullError",
     "ClusterClosedError",
+    "ClusterRouter",
     "ClusterState",
     "ClusterTimeoutError",
     "ClusterUnavailableError",
@@ -34,8 +38,10 @@ __all__ = (
     "NatsCluster",
     "NatsClusterError",
     "PublishError",
+    "SyncClusterRouter",
     "SyncNatsCluster",
     "WrongThreadError",
     "__version__",
+    "clusters_from_env",
     "validate_subject",
 )

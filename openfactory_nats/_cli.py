@@ -64,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common], help="publish from threads and check every message arrived")
-    demo.add_argument("--servers", type=_servers, help="cluster URLs (default: an embedded nats-server)")
+    demo.add_argument("--servers", type=_servers, help="one cluster's URLs (default: embedded nats-servers)")
+    demo.add_argument("--from-env", action="store_true", help="route over the NATS_CLUSTER_<NAME> clusters")
+    demo.add_argument("--clusters", type=int, default=3, help="embedded servers for the router run (default 3)")
     demo.add_argument("--threads", type=int, default=4)
     demo.add_argument("--messages", type=int, default=2500, help="messages per thread")
     demo.add_argument("--assets", type=int, default=20)
@@ -90,36 +92,48 @@ def _parser() -> argparse.ArgumentParser:
 
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
+    from ._embedded import EmbeddedServer
 
-    if args.threads < 1 or args.messages < 1 or args.assets < 1 or args.rate < 0:
-        raise CliError("--threads, --messages and --assets must be at least 1, --rate at least 0", 2)
-    embedded = None
-    servers = args.servers
-    if servers is None:
-        from ._embedded import EmbeddedServer
-
-        try:
-            embedded = EmbeddedServer("demo").start()
-        except FileNotFoundError as exc:
-            raise CliError(str(exc)) from exc
-        servers = [embedded.url]
-        print(f"embedded nats-server on {embedded.url}", file=sys.stderr)
+    if args.threads < 1 or args.messages < 1 or args.assets < 1 or args.rate < 0 or args.clusters < 1:
+        raise CliError("--threads, --messages, --assets and --clusters must be at least 1, --rate at least 0", 2)
+    embedded: list[EmbeddedServer] = []
+    runs: list[dict[str, list[str]]] = []
     try:
-        result = run_demo(
-            servers,
-            threads=args.threads,
-            messages=args.messages,
-            assets=args.assets,
-            timeout=args.timeout,
-            rate=args.rate,
-            options=credentials_from_env(),
-            progress=sys.stderr,
-        )
+        if args.servers is not None:
+            runs.append({"demo": args.servers})
+        elif args.from_env:
+            from ._router import clusters_from_env
+
+            runs.append(clusters_from_env()[0])
+        else:
+            try:
+                for i in range(max(1, args.clusters)):
+                    embedded.append(EmbeddedServer(f"demo-{i + 1}").start())
+            except FileNotFoundError as exc:
+                raise CliError(str(exc)) from exc
+            urls = ", ".join(s.url for s in embedded)
+            print(f"embedded nats-server{'s' if len(embedded) > 1 else ''} on {urls}", file=sys.stderr)
+            runs.append({"demo": [embedded[0].url]})
+            if len(embedded) > 1:
+                runs.append({f"C{i + 1}": [s.url] for i, s in enumerate(embedded)})
+        ok = True
+        for clusters in runs:
+            result = run_demo(
+                clusters,
+                threads=args.threads,
+                messages=args.messages,
+                assets=args.assets,
+                timeout=args.timeout,
+                rate=args.rate,
+                options=credentials_from_env(),
+                progress=sys.stderr,
+            )
+            print(result.summary(), flush=True)
+            ok = ok and result.ok
     finally:
-        if embedded is not None:
-            embedded.close()
-    print(result.summary())
-    return 0 if result.ok else 1
+        for server in embedded:
+            server.close()
+    return 0 if ok else 1
 
 
 def _publish(args: argparse.Namespace) -> int:

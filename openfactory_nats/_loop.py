@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ("LoopThread",)
+__all__ = ("INHERITED", "LoopThread", "SharedLoop")
 
 T = TypeVar("T")
+# What a forked child inherited from its parent: kept alive and untouched, because
+# closing an inherited event loop would deregister the parent's sockets from the epoll
+# instance that parent and child share.
+INHERITED: list[object] = []
 _STARTUP_TIMEOUT = 10.0
 _SHUTDOWN_GRACE = 1.0
 
@@ -70,3 +76,47 @@ class LoopThread:
                 self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout)
         return not self.thread.is_alive()
+
+
+class SharedLoop:
+    """One :class:`LoopThread` shared by several facades (a router's clusters).
+
+    In a forked child, :meth:`current` starts a fresh thread and loop on first use and
+    leaves the inherited ones untouched.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self.runner = LoopThread(name)
+        _shared.add(self)
+
+    @property
+    def forked(self) -> bool:
+        """True in a forked child that has not used the loop yet."""
+        return self._pid != os.getpid()
+
+    def current(self) -> LoopThread:
+        """The loop thread of this process."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    INHERITED.append(self.runner)
+                    self.runner = LoopThread(self.name)
+                    self._pid = os.getpid()
+        return self.runner
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # it may have been held by a thread that is gone
+
+
+_shared: weakref.WeakSet[SharedLoop] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for shared in list(_shared):
+        shared._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ._cluster import NatsCluster
 from ._errors import ClusterClosedError, ClusterTimeoutError, WrongThreadError
-from ._loop import LoopThread
+from ._loop import INHERITED, LoopThread, SharedLoop
 from ._state import ClusterState
 from ._wire import build_frame, check_timeout, frame_size, payload_bytes
 
@@ -26,10 +26,6 @@ _log = logging.getLogger("openfactory_nats")
 _AT_EXIT_TIMEOUT = 5.0
 _LARGE = 64 * 1024
 _instances: weakref.WeakSet[SyncNatsCluster] = weakref.WeakSet()
-# What a forked child inherited from its parent: kept alive and untouched, because
-# closing an inherited event loop would deregister the parent's sockets from the epoll
-# instance that parent and child share.
-_inherited: list[object] = []
 
 
 class SyncNatsCluster:
@@ -52,13 +48,15 @@ class SyncNatsCluster:
         reconnect_time_wait: float = 2,
         *,
         timeout: float = 10.0,
+        _shared_loop: SharedLoop | None = None,
         **options: Any,
     ) -> None:
         self._timeout = check_timeout(timeout)
         self._args: tuple[Any, ...] = (name, servers, logger, reconnect_time_wait)
         self._options = dict(options)
         self._core = NatsCluster(*self._args, **self._options)
-        self._runner = LoopThread(f"openfactory-nats-{name}")
+        self._shared_loop = _shared_loop
+        self._runner = self._new_runner()
         self._loop_ident = self._runner.thread.ident
         self._closed = False
         self._forked = False
@@ -205,7 +203,8 @@ class SyncNatsCluster:
                 future.cancel()
                 self._core.logger.warning("cluster %s: close did not finish within %g s", self.name, wait)
             finally:
-                self._runner.stop(max(1.0, deadline - time.monotonic()))
+                if self._shared_loop is None:
+                    self._runner.stop(max(1.0, deadline - time.monotonic()))
         finally:
             self._close_lock.release()
 
@@ -235,6 +234,11 @@ class SyncNatsCluster:
                 f"cluster {self.name!r}: no answer within {timeout:g} s", cluster=self.name
             ) from None
 
+    def _new_runner(self) -> LoopThread:
+        if self._shared_loop is not None:
+            return self._shared_loop.current()
+        return LoopThread(f"openfactory-nats-{self._args[0]}")
+
     def _after_fork_in_child(self) -> None:
         self._forked = True
         self._close_lock = threading.Lock()
@@ -244,10 +248,10 @@ class SyncNatsCluster:
         with self._fork_lock:
             if not self._forked:
                 return
-            _inherited.append((self._runner, self._core))
+            INHERITED.append((self._runner, self._core))
             if not self._closed:
                 self._core = NatsCluster(*self._args, **self._options)
-                self._runner = LoopThread(f"openfactory-nats-{self.name}")
+                self._runner = self._new_runner()
                 self._loop_ident = self._runner.thread.ident
             self._forked = False
 

@@ -76,12 +76,26 @@ def test_credentials_come_from_the_environment(subscriber_factory: Any) -> None:
         server.close()
 
 
-def test_demo_exits_zero_on_the_embedded_server() -> None:
+def test_demo_exits_zero_on_the_embedded_servers() -> None:
     result = run(["demo", "--threads", "3", "--messages", "500"], timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout.decode()
-    assert "delivered  1500 of 1500" in out and ": OK" in out
-    assert "embedded nats-server on nats://127.0.0.1:" in result.stderr.decode()
+    assert "== one cluster" in out and "== router over 3 clusters" in out
+    assert out.count("delivered  1500 of 1500, per-thread order kept, 0 duplicates, 0 on the wrong cluster: OK") == 2
+    assert "embedded nats-servers on nats://127.0.0.1:" in result.stderr.decode()
+
+
+def test_demo_routes_over_clusters_from_the_environment(server: NatsServer) -> None:
+    other = NatsServer(name="other").start()
+    try:
+        env = {"NATS_CLUSTER_A": server.url, "NATS_CLUSTER_B": f" {other.url} ,", "HASH_RING_REPLICAS": "64"}
+        result = run(["demo", "--from-env", "--threads", "2", "--messages", "300", "--rate", "0"], env=env)
+        assert result.returncode == 0, result.stderr
+        assert "== router over 2 clusters" in result.stdout.decode()
+        counts = [server.monitor("varz")["in_msgs"], other.monitor("varz")["in_msgs"]]
+        assert sum(counts) == 600 and min(counts) > 0
+    finally:
+        other.close()
 
 
 def test_demo_against_given_servers(server: NatsServer) -> None:

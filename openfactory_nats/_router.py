@@ -1,0 +1,267 @@
+"""Route asset messages to the cluster that owns them, one connection per cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from ._cluster import NatsCluster
+from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from ._loop import SharedLoop
+from ._ring import HashRing
+from ._sync import SyncNatsCluster
+from ._wire import check_timeout
+
+__all__ = ("ClusterRouter", "SyncClusterRouter", "clusters_from_env")
+
+ENV_PREFIX = "NATS_CLUSTER_"
+ENV_REPLICAS = "HASH_RING_REPLICAS"
+
+
+def _parse_clusters(clusters: Mapping[str, Sequence[str] | str]) -> dict[str, list[str]]:
+    if not isinstance(clusters, Mapping):
+        raise InvalidTypeError("clusters must be a mapping of cluster name to server URLs")
+    parsed: dict[str, list[str]] = {}
+    for name, urls in clusters.items():
+        items = urls.split(",") if isinstance(urls, str) else list(urls)
+        cleaned = [u.strip() for u in items if isinstance(u, str) and u.strip()]
+        if not cleaned:
+            raise InvalidMessageError(f"cluster {name!r} has no server URLs", cluster=name)
+        parsed[name] = cleaned
+    if not parsed:
+        raise InvalidMessageError("no NATS clusters configured")
+    return parsed
+
+
+def clusters_from_env(env: Mapping[str, str] | None = None) -> tuple[dict[str, list[str]], int]:
+    """Read ``NATS_CLUSTER_<NAME>="url1,url2"`` variables and ``HASH_RING_REPLICAS``.
+
+    :returns: the clusters by name and the number of ring replicas (128 by default).
+    :raises InvalidMessageError: when no cluster is configured, a cluster has no URL, or
+        ``HASH_RING_REPLICAS`` is not a positive integer.
+    """
+    source = os.environ if env is None else env
+    clusters = {key[len(ENV_PREFIX) :]: value for key, value in source.items() if key.startswith(ENV_PREFIX)}
+    if not clusters:
+        raise InvalidMessageError(f"no NATS clusters configured: set {ENV_PREFIX}<NAME>='nats://host:4222,...'")
+    raw = source.get(ENV_REPLICAS, "128").strip() or "128"
+    try:
+        replicas = int(raw)
+    except ValueError:
+        raise InvalidMessageError(f"{ENV_REPLICAS} must be a positive integer, not {raw!r}") from None
+    if replicas < 1:
+        raise InvalidMessageError(f"{ENV_REPLICAS} must be a positive integer, not {raw!r}")
+    return _parse_clusters(clusters), replicas
+
+
+def _raise_failures(results: dict[str, BaseException | None], action: str) -> None:
+    """Raise the first cluster's failure (keeping its type), noting every failing cluster."""
+    failed = {name: exc for name, exc in results.items() if exc is not None}
+    if not failed:
+        return
+    first = next(iter(failed.values()))
+    summary = ", ".join(f"{name} ({type(exc).__name__})" for name, exc in failed.items())
+    first.add_note(f"{action} failed for clusters: {summary}")
+    raise first
+
+
+async def _each(awaitables: Mapping[str, Awaitable[None]]) -> dict[str, BaseException | None]:
+    names = list(awaitables)
+    outcomes = await asyncio.gather(*awaitables.values(), return_exceptions=True)
+    result: dict[str, BaseException | None] = {}
+    for name, outcome in zip(names, outcomes, strict=True):
+        if isinstance(outcome, asyncio.CancelledError):
+            raise outcome
+        result[name] = outcome if isinstance(outcome, BaseException) else None
+    return result
+
+
+class ClusterRouter:
+    """Publish each asset's messages to the cluster that owns the asset (asyncio).
+
+    :param clusters: ``{name: [url, ...]}`` (a comma-separated string works too).
+    :param logger: the logger of every cluster.
+    :param replicas: virtual nodes per cluster on the hash ring.
+    :param options: as for :class:`NatsCluster`, applied to every cluster.
+    """
+
+    def __init__(
+        self,
+        clusters: Mapping[str, Sequence[str] | str],
+        logger: logging.Logger,
+        *,
+        replicas: int = 128,
+        **options: Any,
+    ) -> None:
+        parsed = _parse_clusters(clusters)
+        self.ring = HashRing(parsed, replicas)
+        self.clusters = {name: NatsCluster(name, urls, logger, **options) for name, urls in parsed.items()}
+
+    @classmethod
+    def from_env(cls, logger: logging.Logger, *, env: Mapping[str, str] | None = None, **options: Any) -> ClusterRouter:
+        """Build from ``NATS_CLUSTER_<NAME>`` and ``HASH_RING_REPLICAS`` (see :func:`clusters_from_env`)."""
+        clusters, replicas = clusters_from_env(env)
+        return cls(clusters, logger, replicas=replicas, **options)
+
+    def cluster_for(self, key: str | bytes) -> str:
+        """The name of the cluster that owns *key*."""
+        return self.ring.get(key)
+
+    async def connect(self) -> None:
+        """Connect every cluster; the first failure is raised once all have tried."""
+        _raise_failures(await _each({n: c.connect() for n, c in self.clusters.items()}), "connect")
+
+    async def publish(
+        self,
+        key: str | bytes,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 0.0,
+    ) -> None:
+        """Publish to the cluster that owns *key* (see :meth:`NatsCluster.publish`)."""
+        await self.clusters[self.ring.get(key)].publish(subject, payload, headers=headers, timeout=timeout)
+
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Flush every cluster at once; the first failure is raised once all are done."""
+        wait = check_timeout(timeout)
+        _raise_failures(await _each({n: c.flush(wait) for n, c in self.clusters.items()}), "flush")
+
+    async def close(self) -> None:
+        """Close every cluster at once (each bounded by its ``drain_timeout``)."""
+        await _each({n: c.close() for n, c in self.clusters.items()})
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Each cluster's counters, by name."""
+        return {name: cluster.stats() for name, cluster in self.clusters.items()}
+
+
+class SyncClusterRouter:
+    """Publish each asset's messages to the cluster that owns the asset, from any thread.
+
+    Every cluster is a :class:`SyncNatsCluster`; all of them share one background event
+    loop thread. A cluster that is down, stalled or partitioned only affects publishes
+    routed to it: those are buffered, then refused with ``BufferFullError`` (or
+    ``ConnectError`` when it was never reached), while the other clusters go on.
+
+    :param timeout: the default timeout of every blocking call.
+    :param options: as for :class:`SyncNatsCluster`, applied to every cluster.
+    """
+
+    def __init__(
+        self,
+        clusters: Mapping[str, Sequence[str] | str],
+        logger: logging.Logger,
+        *,
+        replicas: int = 128,
+        timeout: float = 10.0,
+        **options: Any,
+    ) -> None:
+        parsed = _parse_clusters(clusters)
+        self.ring = HashRing(parsed, replicas)
+        self._timeout = check_timeout(timeout)
+        self._loop = SharedLoop("openfactory-nats-router")
+        self._closed = False
+        self._clusters = {
+            name: SyncNatsCluster(name, urls, logger, timeout=timeout, _shared_loop=self._loop, **options)
+            for name, urls in parsed.items()
+        }
+
+    @classmethod
+    def from_env(
+        cls, logger: logging.Logger, *, env: Mapping[str, str] | None = None, **options: Any
+    ) -> SyncClusterRouter:
+        """Build from ``NATS_CLUSTER_<NAME>`` and ``HASH_RING_REPLICAS`` (see :func:`clusters_from_env`)."""
+        clusters, replicas = clusters_from_env(env)
+        return cls(clusters, logger, replicas=replicas, **options)
+
+    def __enter__(self) -> SyncClusterRouter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def clusters(self) -> Mapping[str, SyncNatsCluster]:
+        """The clusters by name."""
+        return dict(self._clusters)
+
+    def cluster_for(self, key: str | bytes) -> str:
+        """The name of the cluster that owns *key*."""
+        return self.ring.get(key)
+
+    def publish(
+        self,
+        key: str | bytes,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """Publish to the cluster that owns *key* (see :meth:`SyncNatsCluster.publish`)."""
+        self._clusters[self.ring.get(key)].publish(subject, payload, timeout, headers=headers)
+
+    def _all(self, action: str, make: Any, timeout: float) -> None:
+        for cluster in self._clusters.values():
+            cluster._enter()
+        runner = self._loop.current()
+        future = runner.submit(_each({n: make(c.cluster) for n, c in self._clusters.items()}))
+        try:
+            results = future.result(timeout)
+        except TimeoutError:
+            if future.done() and not future.cancelled():
+                raise
+            future.cancel()
+            raise ClusterTimeoutError(f"{action} of all clusters did not finish within {timeout:g} s") from None
+        _raise_failures(results, action)
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Connect every cluster at once; the first failure is raised once all have tried."""
+        wait = self._wait(timeout)
+        self._all("connect", lambda core: core.connect(), wait)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Flush every cluster at once; the first failure is raised once all are done."""
+        wait = self._wait(timeout)
+        self._all("flush", lambda core: core.flush(wait), wait + 1.0)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every cluster at once, then stop the shared loop thread. Idempotent."""
+        wait = self._wait(timeout)
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + wait
+        if not self._loop.forked:
+            # Drain all clusters at once: a stalled one must not eat the others' time.
+            future = self._loop.current().submit(_each({n: c.cluster.close() for n, c in self._clusters.items()}))
+            try:
+                future.result(wait)
+            except TimeoutError:
+                future.cancel()
+        errors: list[NatsClusterError] = []
+        for cluster in self._clusters.values():
+            try:
+                cluster.close(max(1.0, deadline - time.monotonic()))
+            except NatsClusterError as exc:
+                errors.append(exc)
+        if not self._loop.forked:
+            self._loop.current().stop(max(1.0, deadline - time.monotonic()))
+        if errors:
+            raise errors[0]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Each cluster's counters, by name."""
+        return {name: cluster.stats() for name, cluster in self._clusters.items()}
+
+    def _wait(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else check_timeout(timeout)
