@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
-from collections.abc import Awaitable, Coroutine, Mapping, Sequence
-from typing import Any
+import ssl
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, overload
 
 import nats.errors
 from nats.aio.client import Client
 
 from . import _natsio
+from ._aio import bounded, quiet
 from ._errors import (
     BufferFullError,
     ClusterClosedError,
@@ -22,36 +22,42 @@ from ._errors import (
     ConnectTimeoutError,
     InvalidMessageError,
     InvalidTypeError,
-    map_nats_error,
+    WrongThreadError,
 )
-from ._outbox import Outbox
+from ._jetstream import PubAck, check_msg_id, new_msg_id, publish_acked
+from ._pump import Pump
 from ._redact import redact, redact_url
 from ._state import ClusterState
+from ._stats import Stats
 from ._wire import build_frame, check_timeout, payload_bytes
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+DEFAULT_ACK_TIMEOUT = 10.0
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024
+_UNKNOWN_MAX_PAYLOAD = 64 * 1024 * 1024  # before the first connection: the protocol's limit
 _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "discovered_server_cb", "lame_duck_mode_cb")
 _RESERVED = ("servers", "allow_reconnect", "max_reconnect_attempts", "pending_size")
-_POLL_INTERVAL = 0.002
-_HIGH_WATER = 4 * 1024 * 1024  # most bytes handed to nats-py and not yet on the socket
-_PING_PATIENCE = 3600.0  # see NatsCluster._ping
-_STAT_KEYS = ("published", "bytes", "errors", "reconnects", "disconnects", "dropped", "dropped_bytes", "refused")
 
-Item = Any  # a frame (fast path) or a (subject, payload, headers) tuple (public-API path)
+Item = Any  # a frame (fast path) or a (subject, payload, headers, size) tuple (public-API path)
 
 
-def _is_auth_failure(exc: BaseException) -> bool:
-    """True for the server refusing our credentials; nats-py 2.16 reports that as a plain
-    ``nats.errors.Error`` during the first connection."""
+def _is_refusal(exc: BaseException) -> bool:
+    """True when retrying cannot help: credentials or certificates refused. nats-py 2.16
+    reports an authorization violation as a plain ``nats.errors.Error`` while connecting."""
+    if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLCertVerificationError):
+        return True
     text = str(exc).lower()
     return (
-        isinstance(exc, nats.errors.AuthorizationError)
-        or "authorization violation" in text
+        "authorization violation" in text
+        or "certificate verify failed" in text
         or ("authentication" in text and ("expired" in text or "timeout" in text or "fail" in text))
     )
+
+
+def _describe(exc: BaseException) -> str:
+    return redact(str(exc) or type(exc).__name__)
 
 
 class NatsCluster:
@@ -65,6 +71,9 @@ class NatsCluster:
     :param drain_timeout: the bound, in seconds, on the drain done by :meth:`close`.
     :param max_pending_bytes: the most bytes accepted but not yet written to the socket
         (queued here, in nats-py's buffer and in the transport), reconnect buffer included.
+    :param replay_unconfirmed: after a lost connection, send again the messages the server
+        had not confirmed (at-least-once; a message can then arrive twice). With False,
+        they are lost with the connection (at-most-once).
     :param options: passed on to ``nats.connect`` (``tls``, ``user``, ``password``,
         ``token``, ``user_credentials``, ``nkeys_seed``, ``ping_interval``, ...). Callbacks
         given here are called after the library's own.
@@ -80,6 +89,7 @@ class NatsCluster:
         connect_timeout: float = 5.0,
         drain_timeout: float = 5.0,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        replay_unconfirmed: bool = True,
         **options: Any,
     ) -> None:
         if not isinstance(name, str) or not name:
@@ -87,8 +97,12 @@ class NatsCluster:
         urls = [servers] if isinstance(servers, str) else list(servers)
         if not urls or not all(isinstance(u, str) and u.strip() for u in urls):
             raise InvalidMessageError(f"cluster {name!r}: servers must be non-empty URL strings", cluster=name)
-        if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int) or max_pending_bytes <= 0:
-            raise InvalidMessageError(f"cluster {name!r}: max_pending_bytes must be a positive int", cluster=name)
+        if (
+            isinstance(max_pending_bytes, bool)
+            or not isinstance(max_pending_bytes, int)
+            or max_pending_bytes < 64 * 1024
+        ):
+            raise InvalidMessageError(f"cluster {name!r}: max_pending_bytes must be an int >= 65536", cluster=name)
         for key in _RESERVED:
             if key in options:
                 raise InvalidMessageError(f"cluster {name!r}: option {key!r} is managed by the library", cluster=name)
@@ -104,28 +118,16 @@ class NatsCluster:
         self._user_callbacks = {key: options.pop(key) for key in _CALLBACKS if key in options}
         self._options = options
         self._fast = _natsio.supports_fast_path()
-        # Up to the high-water mark of bytes sits in nats-py's buffer and the transport;
-        # writing it to the socket briefly copies it twice more. The budget of the queue
-        # leaves room for that, so that the whole stays within max_pending_bytes.
-        self._high_water = max(1024, min(_HIGH_WATER, max_pending_bytes // 16))
-        self._outbox: Outbox[Item] = Outbox(
-            max_pending_bytes - 2 * self._high_water, self._wake, name, limit=max_pending_bytes
-        )
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_thread: threading.Thread | None = None
+        self._stats = Stats()
+        self._pump = Pump(name, logger, max_pending_bytes, self._stats, fast=self._fast, replay=replay_unconfirmed)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
-        self._in_flight = 0
-        self._pump_task: asyncio.Task[None] | None = None
-        self._pings: set[asyncio.Task[None]] = set()
-        self._feeder: asyncio.Task[None] | None = None
-        self._poll_handle: asyncio.TimerHandle | None = None
+        self._js: Any = None
         self._close_task: asyncio.Task[None] | None = None
         self._connecting = False
         self._closing = False
         self._closed = False
         self._ever_connected = False
-        self._stats = dict.fromkeys(_STAT_KEYS, 0)
-        self._stats_lock = threading.Lock()
+        self._last_error: BaseException | None = None
         #: True while a client exists that accepts messages (connected or reconnecting).
         self.ready = False
 
@@ -166,29 +168,41 @@ class NatsCluster:
         """Counters since construction.
 
         ``published`` messages and their ``bytes`` (protocol frames) handed to the client;
-        ``errors`` reported by the client; ``reconnects``; ``disconnects``; ``dropped``
-        messages and ``dropped_bytes`` that could not be delivered (each loss is also
-        logged at ERROR); ``refused`` messages (buffer full); and two gauges: ``queued``
-        messages not yet handed to the client and ``unsent_bytes`` handed to it but not
-        yet written to the socket.
+        ``acked`` confirmed publishes; ``errors`` reported by the client; ``reconnects``;
+        ``disconnects``; ``replayed`` messages sent again after a lost connection;
+        ``dropped`` messages and ``dropped_bytes`` that could not be delivered (each loss
+        is also logged at ERROR); ``refused`` messages (buffer full); and two gauges:
+        ``queued`` messages not yet handed to the client and ``unsent_bytes`` handed to it
+        but not yet written to the socket (with replay: not yet confirmed).
         """
-        with self._stats_lock:
-            result = dict(self._stats)
-        result["queued"] = len(self._outbox)
-        result["unsent_bytes"] = self._in_flight
+        result = self._stats.snapshot()
+        result["queued"] = len(self._pump.outbox)
+        result["unsent_bytes"] = self._pump.in_flight
         return result
-
-    def _count(self, key: str, amount: int = 1) -> None:
-        with self._stats_lock:
-            self._stats[key] += amount
 
     def _check_open(self) -> None:
         if self._closed or self._closing:
             raise ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
 
     def _client_usable(self) -> bool:
-        nc = self.nc
-        return nc is not None and not nc.is_closed and not nc.is_draining
+        return self._pump.usable(self.nc)
+
+    def _adopt_loop(self) -> None:
+        """Bind to the running loop; after the previous loop ended (``asyncio.run`` per
+        call, as in the original's documentation), start afresh on this one and keep
+        what the old client never sent."""
+        loop = asyncio.get_running_loop()
+        previous = self._pump.loop
+        if previous is loop:
+            return
+        if previous is not None and not previous.is_closed():
+            raise WrongThreadError(f"cluster {self.name!r} is bound to another running event loop", cluster=self.name)
+        if previous is not None:
+            self._pump.salvage()
+            self.nc, self._js, self.ready = None, None, False
+            self._lock = asyncio.Lock()
+            self._close_task = None
+        self._pump.bind(loop)
 
     # -- connecting ----------------------------------------------------------------
     async def connect(self) -> None:
@@ -198,47 +212,45 @@ class NatsCluster:
         included, is bounded by ``connect_timeout``.
 
         :raises ConnectTimeoutError: when no server answered within ``connect_timeout``.
-        :raises ConnectError: when the connection was refused (for example bad credentials).
+        :raises ConnectError: when the connection was refused (credentials, certificate).
         :raises ClusterClosedError: after :meth:`close`.
         """
         self._check_open()
+        self._adopt_loop()
+        await self._connect()
+
+    async def _connect(self) -> None:
         if self._client_usable():
             return
         loop = asyncio.get_running_loop()
-        self._bind(loop)
         deadline = loop.time() + self.connect_timeout
         try:
             await asyncio.wait_for(self._lock.acquire(), self.connect_timeout)
         except TimeoutError:
             raise self.connect_timeout_error() from None
         try:
-            self._check_open()
-            if not self._client_usable():
+            if not self._client_usable() and not self._closed:
                 self._connecting = True
                 await self._open_client(deadline)
         finally:
             self._connecting = False
             self._lock.release()
-        self._on_wake()
-
-    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is not loop:
-            self._loop = loop
-            self._loop_thread = threading.current_thread()
+        self._pump.on_wake()
 
     def connect_timeout_error(self, timeout: float | None = None) -> ConnectTimeoutError:
         """The error for a connection not made within *timeout* s (``connect_timeout``)."""
         servers = ", ".join(redact_url(u) for u in self.servers)
         seconds = self.connect_timeout if timeout is None else timeout
+        last = f"; last error: {_describe(self._last_error)}" if self._last_error is not None else ""
         return ConnectTimeoutError(
-            f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s", cluster=self.name
+            f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s{last}", cluster=self.name
         )
 
     async def _open_client(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
         nc = Client()
         refused: asyncio.Future[BaseException] = loop.create_future()
-        callbacks = self._callbacks_for(nc, refused)
+        self._last_error = None
         options: dict[str, Any] = {
             "name": self.name,
             "ping_interval": 10,
@@ -253,7 +265,7 @@ class NatsCluster:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 pending_size=self.max_pending_bytes,
-                **callbacks,
+                **self._callbacks_for(nc, refused),
                 **options,
             )
         )
@@ -272,20 +284,20 @@ class NatsCluster:
             await asyncio.wait({task}, timeout=0.5)
             if refused.done() and not refused.cancelled():
                 raise ConnectError(
-                    f"cluster {self.name!r}: connection refused: {redact(str(refused.result()))}",
-                    cluster=self.name,
+                    f"cluster {self.name!r}: connection refused: {_describe(refused.result())}", cluster=self.name
                 ) from refused.result()
             raise self.connect_timeout_error()
         exc = task.exception()
         if exc is not None:
             self._abandon(nc, task)
             raise ConnectError(
-                f"cluster {self.name!r}: could not connect: {redact(str(exc))}", cluster=self.name
+                f"cluster {self.name!r}: could not connect: {_describe(exc)}", cluster=self.name
             ) from exc
         self.nc = nc
+        self._js = None
         self._max_payload = nc.max_payload or _DEFAULT_MAX_PAYLOAD
-        self._in_flight = 0
         self._ever_connected = True
+        self._pump.attach(nc)
         self.ready = True
         self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
 
@@ -309,42 +321,51 @@ class NatsCluster:
                 except Exception:
                     self.logger.exception("cluster %s: %s raised", self.name, key)
 
+        def current() -> bool:
+            return nc is self.nc and not self._closing and not self._closed
+
         async def error_cb(exc: Exception) -> None:
-            self._count("errors")
-            if _is_auth_failure(exc) and not refused.done():
+            self._stats.add("errors")
+            self._last_error = exc
+            if _is_refusal(exc) and not refused.done():
                 refused.set_result(exc)
-            self.logger.warning("cluster %s: error: %s", self.name, redact(str(exc) or type(exc).__name__))
+            self.logger.warning("cluster %s: error: %s", self.name, _describe(exc))
             await chain("error_cb", exc)
 
         async def disconnected_cb() -> None:
-            if nc is self.nc and not self._closing:
-                self._count("disconnects")
+            if current():
+                self._stats.add("disconnects")
                 self.logger.warning("cluster %s: disconnected; buffering until reconnected", self.name)
+                self._pump.on_disconnected(nc)
             await chain("disconnected_cb")
 
         async def reconnected_cb() -> None:
-            self._count("reconnects")
-            self._cancel_pings()  # nats-py dropped their PONG futures when it reconnected
+            self._stats.add("reconnects")
             self._max_payload = nc.max_payload or self._max_payload
             self.logger.info("cluster %s: reconnected to %s", self.name, self._server_of(nc))
-            self._on_wake()  # send what waited during the outage
+            if nc is self.nc:
+                self._pump.on_reconnected(nc)
             await chain("reconnected_cb")
 
         async def closed_cb() -> None:
-            if nc is self.nc and not self._closing:
+            if current():
                 self.ready = False
-                self._lose_in_flight("nats-py closed the connection for good")
+                self._pump.lose_in_flight("nats-py closed the connection for good")
                 self.logger.error("cluster %s: connection closed by the client; will reconnect on next use", self.name)
             await chain("closed_cb")
 
         async def discovered_server_cb() -> None:
-            self.logger.info(
-                "cluster %s: discovered servers %s", self.name, [redact_url(s.geturl()) for s in nc.discovered_servers]
-            )
+            found = [redact_url(s.geturl()) for s in nc.discovered_servers]
+            self.logger.info("cluster %s: discovered servers %s", self.name, found)
             await chain("discovered_server_cb")
 
         async def lame_duck_mode_cb() -> None:
-            self.logger.warning("cluster %s: server %s entered lame-duck mode", self.name, self._server_of(nc))
+            self.logger.warning(
+                "cluster %s: server %s entered lame-duck mode; moving to another server", self.name, self._server_of(nc)
+            )
+            if current():
+                # Leave before the server closes the connection, so that nothing is cut off.
+                asyncio.get_running_loop().create_task(nc.force_reconnect())
             await chain("lame_duck_mode_cb")
 
         return {
@@ -374,9 +395,9 @@ class NatsCluster:
         :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
         """
         try:
-            self._outbox.reserve(size, timeout)
+            self._pump.outbox.reserve(size, timeout)
         except BufferFullError:
-            self._count("refused")
+            self._stats.add("refused")
             raise
 
     def enqueue(self, item: Item, size: int, timeout: float) -> None:
@@ -385,138 +406,112 @@ class NatsCluster:
         :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
         """
         try:
-            self._outbox.put(item, size, timeout)
+            self._pump.outbox.put(item, size, timeout)
         except BufferFullError:
-            self._count("refused")
+            self._stats.add("refused")
             raise
 
+    @overload
     async def publish(
-        self, subject: str, payload: bytes, *, headers: Mapping[str, str] | None = None, timeout: float = 0.0
-    ) -> None:
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        ack: Literal[False] = False,
+        msg_id: str | None = None,
+    ) -> None: ...
+
+    @overload
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        ack: Literal[True],
+        msg_id: str | None = None,
+    ) -> PubAck: ...
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        ack: bool = False,
+        msg_id: str | None = None,
+    ) -> PubAck | None:
         """Validate and queue one message for the server.
 
         When this returns the message is queued in the client, as with nats-py's own
-        ``publish``; while reconnecting it waits in the reconnect buffer.
+        ``publish``; while reconnecting it waits, in order, for the reconnection.
 
+        With ``ack=True`` the message goes into the JetStream stream bound to *subject*
+        and the stream's acknowledgement is returned. It carries *msg_id* (one is
+        generated when None) as ``Nats-Msg-Id``, and is retried with it until *timeout*
+        (default 10 s), so the stream stores it once.
+
+        :param timeout: without ``ack``, how long to wait for room in a full buffer
+            (default 0: refuse at once).
         :raises InvalidTypeError: for a non-str subject or a payload that is not bytes-like.
-        :raises InvalidMessageError: for an invalid subject or headers, or a payload over
-            the server's ``max_payload``.
+        :raises InvalidMessageError: for an invalid subject, headers or msg_id, or a
+            payload over the server's ``max_payload``.
         :raises ConnectError: when the cluster cannot be reached (lazy connect).
-        :raises BufferFullError: when the outgoing buffer is full for longer than
-            *timeout* seconds (0, the default, refuses at once).
+        :raises BufferFullError: when the outgoing buffer stays full for *timeout* s.
+        :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
         :raises ClusterClosedError: after :meth:`close`.
         """
         self._check_open()
-        wait = check_timeout(timeout)
-        limit = self._max_payload if self._ever_connected else 64 * 1024 * 1024
+        wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
+        limit = self._max_payload if self._ever_connected else _UNKNOWN_MAX_PAYLOAD
         item, size = self.prepare(subject, payload, headers, limit)
+        if ack:
+            return await self._publish_acked(subject, payload, headers, msg_id, wait)
+        self._adopt_loop()
         if not self._client_usable():
-            await self.connect()
+            await self._connect()
             item, size = self.prepare(subject, payload, headers, self._max_payload)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             try:
-                self._outbox.put(item, size, 0.0)
+                self._pump.outbox.put(item, size, 0.0)
                 break
             except BufferFullError:
                 if loop.time() >= deadline:
-                    self._count("refused")
+                    self._stats.add("refused")
                     raise
-                self._on_wake()
-                await asyncio.sleep(_POLL_INTERVAL)
-        self._on_wake()
+                self._pump.on_wake()
+                await asyncio.sleep(0.002)
+        self._pump.on_wake()
+        return None
 
-    def _wake(self) -> None:
-        """Ask the loop to move queued messages into the client (any thread)."""
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):
-            if threading.current_thread() is self._loop_thread:
-                loop.call_soon(self._on_wake)
-            else:
-                loop.call_soon_threadsafe(self._on_wake)
+    async def _publish_acked(
+        self, subject: str, payload: bytes, headers: Mapping[str, str] | None, msg_id: str | None, wait: float
+    ) -> PubAck:
+        ident = new_msg_id() if msg_id is None else check_msg_id(msg_id)
+        self._adopt_loop()
+        if not self._client_usable():
+            await self._connect()
+        if len(payload) > self._max_payload:
+            raise InvalidMessageError(f"payload exceeds the server's max_payload of {self._max_payload}")
+        self._pump.on_wake()  # what was queued before goes first
 
-    def _on_wake(self) -> None:
-        nc = self.nc
-        if nc is None or not self._client_usable():
-            self._outbox.scheduled = False
-            return
-        if self._fast:
-            if nc.is_connected:
-                # Keep nats-py's buffer and the transport's small: what does not fit waits
-                # here, budgeted, instead of being copied into ever larger socket writes.
-                room = self._high_water - _natsio.buffered_bytes(nc)
-                frames = self._outbox.take(room) if room > 0 else []
-                if frames:
-                    nbytes = sum(map(len, frames))
-                    _natsio.append_frames(nc, frames, nbytes)
-                    self._in_flight += nbytes
-                    with self._stats_lock:
-                        self._stats["published"] += len(frames)
-                        self._stats["bytes"] += nbytes
-                if len(self._outbox) and (self._feeder is None or self._feeder.done()):
-                    self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
-            else:
-                # Reconnecting: messages wait here, in order, until reconnected_cb wakes us.
-                self._outbox.scheduled = False
-            self._reconcile(nc)
-        elif self._pump_task is None or self._pump_task.done():
-            self._pump_task = asyncio.get_running_loop().create_task(self._pump_public(nc))
+        def jetstream() -> Any:
+            nc = self.nc
+            if nc is None or not self._client_usable():
+                return None
+            if self._js is None:
+                self._js = nc.jetstream()
+            return self._js
 
-    async def _pump_public(self, nc: Client) -> None:
-        while len(self._outbox) and nc is self.nc and self._client_usable():
-            for subject, payload, headers, size in self._outbox.take():
-                try:
-                    await nc.publish(subject, payload, headers=headers)
-                except Exception as exc:
-                    self._count("dropped")
-                    self._count("dropped_bytes", len(payload))
-                    self.logger.error(
-                        "cluster %s: message to %s dropped: %s", self.name, subject, map_nats_error(exc, self.name)
-                    )
-                else:
-                    self._count("published")
-                    self._count("bytes", len(payload))
-                self._outbox.release(size)
-
-    def _reconcile(self, nc: Client) -> None:
-        """Return the budget of bytes that have left the process; poll while producers wait
-        or messages wait for room in the transport."""
-        held = _natsio.buffered_bytes(nc)
-        if held < self._in_flight:
-            self._outbox.release(self._in_flight - held)
-            self._in_flight = held
-        if self._outbox.waiters and self._poll_handle is None and self._loop is not None:
-            self._poll_handle = self._loop.call_later(_POLL_INTERVAL, self._poll)
-
-    async def _feed(self, nc: Client) -> None:
-        """Move queued messages into the client as the socket takes them (event-driven:
-        the transport's flow control wakes it, there is no polling)."""
-        backlog = -1
-        while len(self._outbox) and nc is self.nc and nc.is_connected:
-            await asyncio.sleep(0)  # let nats-py's flusher write what it holds
-            try:
-                await _natsio.wait_writable(nc)
-            except Exception:
-                return  # the connection is going; reconnected_cb resumes the feeding
-            held = _natsio.buffered_bytes(nc)
-            if held == backlog:  # the flusher made no progress: don't spin
-                await asyncio.sleep(_POLL_INTERVAL)
-            backlog = held
-            self._on_wake()
-
-    def _poll(self) -> None:
-        self._poll_handle = None
-        self._on_wake()
-
-    def _lose_in_flight(self, why: str) -> None:
-        lost, self._in_flight = self._in_flight, 0
-        self._outbox.release(lost)
-        if lost:
-            self._count("dropped_bytes", lost)
-            self.logger.error("cluster %s: %s; %d buffered bytes were dropped", self.name, why, lost)
+        ack = await publish_acked(self.name, jetstream, subject, payload_bytes(payload), headers, ident, wait)
+        self._stats.add("acked")
+        return ack
 
     # -- flushing and closing ------------------------------------------------------
     async def flush(self, timeout: float = 10.0) -> None:
@@ -529,90 +524,41 @@ class NatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         """
         self._check_open()
-        await self._flush(check_timeout(timeout))
+        wait = check_timeout(timeout)
+        self._adopt_loop()
+        await self._flush(wait)
 
     async def _flush(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if not self._client_usable():
-            if not len(self._outbox) and self.nc is None:
+            if not self._pump.pending_work() and self.nc is None:
                 return
-            await self.connect()
+            await self._connect()
         while True:
             nc = self.nc
             if nc is None or not self._client_usable():
                 raise ClusterUnavailableError(f"cluster {self.name!r}: connection lost during flush", cluster=self.name)
-            await self._pump_all(nc, deadline)
+            await self._pump.pump_all(nc, deadline)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise ClusterTimeoutError(
                     f"cluster {self.name!r}: flush did not complete within {timeout:g} s", cluster=self.name
                 )
             if nc.is_connected:
-                reconnects = self._stats["reconnects"]
+                reconnects = self._stats.get("reconnects")
                 if self._fast:
                     _natsio.write_pending_now(nc)
-                    rounds = 1
-                else:
-                    rounds = 2  # the first PING may overtake publishes still pending
+                rounds = 1 if self._fast else 2  # a first PING may overtake what is pending
                 answered = True
                 for _ in range(rounds):
-                    answered = await self._ping(nc, deadline - loop.time())
+                    answered = await self._pump.ping(nc, deadline - loop.time())
                     if not answered:
                         break
-                if answered and reconnects == self._stats["reconnects"] and nc.is_connected:
-                    self._reconcile(nc)
+                if answered and reconnects == self._stats.get("reconnects") and nc.is_connected:
+                    self._pump.reconcile(nc)
                     return
             await asyncio.sleep(0.01)
-
-    async def _pump_all(self, nc: Client, deadline: float) -> None:
-        """Hand everything queued so far to the client, by *deadline* (loop time)."""
-        loop = asyncio.get_running_loop()
-        while nc.is_connected and loop.time() < deadline:
-            self._on_wake()
-            if self._pump_task is not None and not self._pump_task.done():
-                await self._bounded(asyncio.shield(self._pump_task), deadline - loop.time())
-            if not len(self._outbox):
-                return
-            await asyncio.sleep(_POLL_INTERVAL)
-
-    async def _ping(self, nc: Client, timeout: float) -> bool:
-        """One PING/PONG round trip; False when no PONG came within *timeout* s.
-
-        A late PING is left running rather than cancelled: nats-py 2.16 keeps a cancelled
-        PONG future in its queue, and the PONG that finally arrives then kills its read loop
-        (InvalidStateError). Orphaned pings are cancelled on reconnect and on close.
-        """
-        ping = asyncio.get_running_loop().create_task(nc.flush(timeout=_PING_PATIENCE))  # type: ignore[arg-type]
-        self._pings.add(ping)
-        ping.add_done_callback(self._pings.discard)
-        done, _ = await asyncio.wait({ping}, timeout=max(0.0, timeout))
-        if not done:
-            return False
-        try:
-            ping.result()
-        except nats.errors.Error as exc:
-            if isinstance(exc, nats.errors.FlushTimeoutError | nats.errors.ConnectionClosedError):
-                return False
-            raise map_nats_error(exc, self.name) from exc
-        return True
-
-    def _cancel_pings(self) -> None:
-        for ping in list(self._pings):
-            ping.cancel()
-
-    async def _bounded(self, awaitable: Awaitable[Any], timeout: float) -> bool:
-        """Await *awaitable* for at most *timeout* s; cancel it (without waiting) if late.
-
-        nats-py swallows cancellation in places, so ``asyncio.wait_for`` could hang.
-        """
-        task = asyncio.ensure_future(awaitable)
-        done, _ = await asyncio.wait({task}, timeout=max(0.0, timeout))
-        if not done:
-            task.cancel()
-            return False
-        task.result()
-        return True
 
     async def close(self) -> None:
         """Drain (bounded by ``drain_timeout``) and close. Safe to call many times, also
@@ -620,6 +566,7 @@ class NatsCluster:
         if self._closed:
             return
         if self._close_task is None:
+            self._adopt_loop()
             self._closing = True
             self.ready = False
             self._close_task = asyncio.get_running_loop().create_task(self._close())
@@ -628,18 +575,22 @@ class NatsCluster:
     async def _close(self) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout
-        nc = self.nc
         try:
+            if self.nc is None and self._pump.pending_work():
+                # Messages are still waiting (for instance from an event loop that ended):
+                # try to deliver them within the drain time.
+                try:
+                    await asyncio.wait_for(self._open_client(deadline), max(0.0, deadline - loop.time()))
+                except (ConnectError, TimeoutError) as exc:
+                    self.logger.error("cluster %s: could not connect to deliver at close: %s", self.name, exc)
+            nc = self.nc
             if nc is not None and not nc.is_closed:
                 await self._drain(nc, deadline)
         finally:
-            if self._poll_handle is not None:
-                self._poll_handle.cancel()
-            self._cancel_pings()
             self._closed = True
-            left = self._outbox.take()
+            left = self._pump.shutdown()
             if left:
-                self._count("dropped", len(left))
+                self._stats.add("dropped", len(left))
                 self.logger.error("cluster %s: closed with %d messages never sent", self.name, len(left))
             self.logger.info("cluster %s: closed (%s)", self.name, self.stats())
 
@@ -649,24 +600,19 @@ class NatsCluster:
         # nats-py offers no event for this state change, hence the polling.
         while (nc.is_reconnecting or nc.is_connecting) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        await self._pump_all(nc, deadline)  # move what is still queued here into the client
+        await self._pump.pump_all(nc, deadline)  # move what is still queued here into the client
         drained = False
         if nc.is_connected:
             if self._fast:
                 _natsio.write_pending_now(nc)
             try:
-                drained = await self._bounded(nc.drain(), deadline - loop.time())
+                drained = await bounded(nc.drain(), deadline - loop.time())
             except Exception as exc:
-                self.logger.warning("cluster %s: drain failed: %s", self.name, redact(str(exc) or type(exc).__name__))
+                self.logger.warning("cluster %s: drain failed: %s", self.name, _describe(exc))
         if not drained:
             unsent = _natsio.buffered_bytes(nc)
-            if not await self._bounded(self._quiet(nc.close()), max(0.5, deadline - loop.time())):
+            if not await bounded(quiet(nc.close()), max(0.5, deadline - loop.time())):
                 _natsio.abort_transport(nc)
             if unsent:
-                self._count("dropped_bytes", unsent)
+                self._stats.add("dropped_bytes", unsent)
                 self.logger.error("cluster %s: close could not deliver %d buffered bytes", self.name, unsent)
-        self._in_flight = 0
-
-    async def _quiet(self, coro: Coroutine[Any, Any, None]) -> None:
-        with contextlib.suppress(Exception):
-            await coro

@@ -21,6 +21,7 @@ __all__ = (
     "abort_transport",
     "append_frames",
     "buffered_bytes",
+    "prepend_frames",
     "supports_fast_path",
     "wait_writable",
     "write_pending_now",
@@ -54,6 +55,12 @@ async def wait_writable(nc: Client) -> None:
     """Wait while the transport's buffer is over its high-water mark (asyncio flow control)."""
     if nc._transport is not None:
         await nc._transport.drain()  # type: ignore[no-untyped-call]
+
+
+def prepend_frames(nc: Client, frames: list[bytes], nbytes: int) -> None:
+    """Put frames at the head of the client's pending buffer (sent first on reconnect)."""
+    nc._pending[0:0] = frames
+    nc._pending_data_size += nbytes
 
 
 def write_pending_now(nc: Client) -> None:
