@@ -14,6 +14,7 @@ from ._errors import (
     PublishError,
     WrongThreadError,
 )
+from ._jetstream import PubAck
 from ._ring import HashRing
 from ._router import ClusterRouter, SyncClusterRouter, clusters_from_env
 from ._state import ClusterState
@@ -37,6 +38,7 @@ __all__ = (
     "InvalidTypeError",
     "NatsCluster",
     "NatsClusterError",
+    "PubAck",
     "PublishError",
     "SyncClusterRouter",
     "SyncNatsCluster",

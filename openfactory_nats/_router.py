@@ -12,6 +12,7 @@ from typing import Any
 
 from ._cluster import NatsCluster
 from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from ._jetstream import PubAck
 from ._loop import SharedLoop
 from ._ring import HashRing
 from ._sync import SyncNatsCluster
@@ -123,10 +124,16 @@ class ClusterRouter:
         payload: bytes,
         *,
         headers: Mapping[str, str] | None = None,
-        timeout: float = 0.0,
-    ) -> None:
+        timeout: float | None = None,
+        ack: bool = False,
+        msg_id: str | None = None,
+    ) -> PubAck | None:
         """Publish to the cluster that owns *key* (see :meth:`NatsCluster.publish`)."""
-        await self.clusters[self.ring.get(key)].publish(subject, payload, headers=headers, timeout=timeout)
+        cluster = self.clusters[self.ring.get(key)]
+        if ack:
+            return await cluster.publish(subject, payload, headers=headers, timeout=timeout, ack=True, msg_id=msg_id)
+        await cluster.publish(subject, payload, headers=headers, timeout=timeout)
+        return None
 
     async def flush(self, timeout: float = 10.0) -> None:
         """Flush every cluster at once; the first failure is raised once all are done."""
@@ -206,9 +213,15 @@ class SyncClusterRouter:
         timeout: float | None = None,
         *,
         headers: Mapping[str, str] | None = None,
-    ) -> None:
+        ack: bool = False,
+        msg_id: str | None = None,
+    ) -> PubAck | None:
         """Publish to the cluster that owns *key* (see :meth:`SyncNatsCluster.publish`)."""
-        self._clusters[self.ring.get(key)].publish(subject, payload, timeout, headers=headers)
+        cluster = self._clusters[self.ring.get(key)]
+        if ack:
+            return cluster.publish(subject, payload, timeout, headers=headers, ack=True, msg_id=msg_id)
+        cluster.publish(subject, payload, timeout, headers=headers)
+        return None
 
     def _all(self, action: str, make: Any, timeout: float) -> None:
         for cluster in self._clusters.values():

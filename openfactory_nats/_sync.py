@@ -11,10 +11,11 @@ import time
 import weakref
 from collections.abc import Coroutine, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from ._cluster import NatsCluster
 from ._errors import ClusterClosedError, ClusterTimeoutError, WrongThreadError
+from ._jetstream import PubAck, check_msg_id
 from ._loop import INHERITED, LoopThread, SharedLoop
 from ._state import ClusterState
 from ._wire import build_frame, check_timeout, frame_size, payload_bytes
@@ -120,13 +121,49 @@ class SyncNatsCluster:
         self._enter()
         self._call(self._core.connect(), wait, connecting=True)
 
+    @overload
     def publish(
-        self, subject: str, payload: bytes, timeout: float | None = None, *, headers: Mapping[str, str] | None = None
-    ) -> None:
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: Literal[False] = False,
+        msg_id: str | None = None,
+    ) -> None: ...
+
+    @overload
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: Literal[True],
+        msg_id: str | None = None,
+    ) -> PubAck: ...
+
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: bool = False,
+        msg_id: str | None = None,
+    ) -> PubAck | None:
         """Validate *payload* and queue it for *subject*.
 
         When this returns the message is queued for the server, as with awaiting
         nats-py's ``publish``; messages from one thread keep their order.
+
+        With ``ack=True`` it blocks until the JetStream stream bound to *subject* has
+        stored the message, and returns the :class:`PubAck`. The message carries *msg_id*
+        (generated when None) as ``Nats-Msg-Id`` and is retried with it until *timeout*,
+        so the stream stores it once even across timeouts and reconnections.
 
         :raises InvalidTypeError: for a non-str subject, a payload that is not bytes-like
             or headers that are not a mapping of str to str (a ``TypeError``).
@@ -134,9 +171,12 @@ class SyncNatsCluster:
             payload over the server's ``max_payload`` (a ``ValueError``).
         :raises ConnectError: when the cluster cannot be reached (a ``RuntimeError``).
         :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
+        :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
         :raises ClusterClosedError: after :meth:`close`.
         :raises WrongThreadError: on the event-loop thread.
         """
+        if ack:
+            return self._publish_acked(subject, payload, timeout, headers, msg_id)
         core = self._core
         if core.ready and not self._forked and threading.get_ident() != self._loop_ident:
             wait = self._timeout if timeout is None else check_timeout(timeout)
@@ -152,8 +192,21 @@ class SyncNatsCluster:
             else:
                 item, size = core.prepare(subject, payload, headers, core._max_payload)
                 core.enqueue(item, size, wait)
-            return
+            return None
         self._publish_slow(subject, payload, timeout, headers)
+        return None
+
+    def _publish_acked(
+        self, subject: str, payload: bytes, timeout: float | None, headers: Mapping[str, str] | None, msg_id: str | None
+    ) -> PubAck:
+        wait = self._wait(timeout)
+        self._enter()
+        core = self._core
+        core.prepare(subject, payload, headers, core.max_payload if core.state is not ClusterState.NEW else 1 << 26)
+        if msg_id is not None:
+            check_msg_id(msg_id)
+        coro = core.publish(subject, payload, headers=headers, timeout=wait, ack=True, msg_id=msg_id)
+        return self._call(coro, wait + 1.0)
 
     def _publish_slow(self, subject: object, payload: object, timeout: float | None, headers: object) -> None:
         wait = self._wait(timeout)

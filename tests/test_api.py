@@ -48,6 +48,8 @@ def test_reference_api_signature() -> None:
         "payload",
         "timeout",
         "headers",
+        "ack",
+        "msg_id",
     ]
 
 
