@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--servers", type=_servers, required=True)
     pub.add_argument("--header", "--headers", dest="headers", type=_header, action="append", default=[],
                      metavar="NAME=VALUE", help="a message header (repeatable)")  # fmt: skip
+    pub.add_argument("--ack", action="store_true", help="wait for JetStream to store each message (de-duplicated)")
     pub.add_argument("subject")
     pub.add_argument("payload", nargs="?")
 
@@ -139,22 +140,25 @@ def _demo(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     headers = dict(args.headers) or None
     sent = 0
+    last_ack = None
     tty = sys.stderr.isatty()
     with SyncNatsCluster("cli", args.servers, _log, timeout=args.timeout, connect_timeout=args.timeout,
                          **credentials_from_env()) as cluster:  # fmt: skip
         cluster.connect()
-        if args.payload is not None:
-            cluster.publish(args.subject, args.payload.encode(), headers=headers)
-            sent = 1
-        else:
-            for line in sys.stdin.buffer:
-                cluster.publish(args.subject, line.rstrip(b"\r\n"), headers=headers)
-                sent += 1
-                if tty and sent % 1000 == 0:
-                    print(f"\rpublished {sent}", end="", file=sys.stderr, flush=True)
+        lines = [args.payload.encode()] if args.payload is not None else (ln.rstrip(b"\r\n") for ln in sys.stdin.buffer)
+        for payload in lines:
+            if args.ack:
+                last_ack = cluster.publish(args.subject, payload, headers=headers, ack=True)
+            else:
+                cluster.publish(args.subject, payload, headers=headers)
+            sent += 1
+            if tty and sent % 1000 == 0:
+                print(f"\rpublished {sent}", end="", file=sys.stderr, flush=True)
         cluster.flush(args.timeout)
     if tty:
         print(f"\rpublished {sent}", file=sys.stderr)
+    if last_ack is not None and tty:
+        print(f"acknowledged by stream {last_ack.stream}, last sequence {last_ack.seq}", file=sys.stderr)
     return 0
 
 

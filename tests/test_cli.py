@@ -113,3 +113,27 @@ def test_bench_smoke_run() -> None:
     assert row["size"] == 128 and row["plain"] > 0 and row["facade_1_ratio"] > 0 and row["facade_8_ratio"] > 0
     assert data["latency"]["received"] == data["latency"]["expected"] == 2000
     assert data["machine"]["nats_py"]
+
+
+def test_ack_stores_every_line_in_the_stream(jetstream_server: NatsServer) -> None:
+    import asyncio
+
+    import nats
+
+    async def stream_count(create: bool) -> int:
+        nc = await nats.connect(jetstream_server.url)
+        js = nc.jetstream()
+        if create:
+            await js.add_stream(name="CLI", subjects=["cli.>"])
+        count = int((await js.stream_info("CLI")).state.messages)
+        await nc.close()
+        return count
+
+    asyncio.run(stream_count(True))
+    lines = b"".join(b"%d\n" % i for i in range(50))
+    result = run(["publish", "--servers", jetstream_server.url, "--ack", "cli.lines"], stdin=lines)
+    assert result.returncode == 0, result.stderr
+    assert asyncio.run(stream_count(False)) == 50
+    missing = run(["publish", "--servers", jetstream_server.url, "--ack", "--timeout", "1", "nostream.x", "v"])
+    assert missing.returncode == 1 and "no acknowledgement" in missing.stderr.decode()
+    assert "Traceback" not in missing.stderr.decode()

@@ -363,3 +363,27 @@ def test_constructor_rejects_bad_configuration(logger: logging.Logger) -> None:
     cluster = NatsCluster("C1", "nats://127.0.0.1:4222", logger)
     assert cluster.servers == ["nats://127.0.0.1:4222"] and cluster.reconnect_time_wait == 2
     assert cluster.nc is None and isinstance(cluster._lock, asyncio.Lock)
+
+
+def test_a_buffer_dropped_by_nats_py_is_counted_and_logged(
+    server: NatsServer, logger: logging.Logger, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def main() -> None:
+        cluster = NatsCluster("C1", [server.url], logger, drain_timeout=0.5)
+        await cluster.connect()
+        server.pause()
+        try:
+            for _ in range(20):
+                await cluster.publish("drop", b"x" * 50_000)
+            await asyncio.sleep(0.1)
+            assert cluster.nc is not None
+            asyncio.get_running_loop().create_task(cluster.nc.close())  # nats-py gives up on its own
+            await wait_state(cluster, ClusterState.DISCONNECTED)
+            assert cluster.stats()["dropped_bytes"] > 0
+        finally:
+            server.resume()
+        await cluster.close()
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(main())
+    assert any(r.levelno == logging.ERROR and "dropped" in r.getMessage() for r in caplog.records)
