@@ -362,7 +362,7 @@ def format_table(results: dict[str, Any]) -> str:
             f"stalled server: RSS grew {st['rss_growth_mib']:.1f} MiB against a cap of {st['cap_mib']:.0f} MiB "
             f"({st['ratio_to_cap']:.2f}x); {st['refused']:.0f} publishes refused with BufferFullError"
         )
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

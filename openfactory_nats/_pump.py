@@ -35,7 +35,7 @@ __all__ = ("Pump",)
 
 _POLL_INTERVAL = 0.002
 _CONFIRM_INTERVAL = 0.01
-_MAX_CONFIRMING = 2
+_MAX_CONFIRMING = 4
 _HIGH_WATER = 4 * 1024 * 1024  # most bytes handed to nats-py and not yet on the socket
 _PING_PATIENCE = 3600.0  # see Pump.ping
 
@@ -168,6 +168,8 @@ class Pump:
                 if self.replay:
                     self._unconfirmed.append(frames)
                     self._unconfirmed_bytes += nbytes
+                    if self._unconfirmed_bytes >= self.high_water:
+                        self._request_confirmation(nc)  # don't let a fast sender wait for the tick
                     if self._confirmer is None or self._confirmer.done():
                         self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
             if len(self.outbox) and (self._feeder is None or self._feeder.done()):
@@ -235,18 +237,21 @@ class Pump:
 
     # -- confirmation and replay ---------------------------------------------------
     async def _confirm(self, nc: Client) -> None:
-        """Send a PING after each round of batches; its PONG confirms them."""
-        loop = asyncio.get_running_loop()
+        """Every few milliseconds, confirm what was handed over since the last time."""
         while nc is self.nc and not nc.is_closed and (self._unconfirmed or self._confirming):
             await asyncio.sleep(_CONFIRM_INTERVAL)
-            if not self._unconfirmed or not nc.is_connected or len(self._confirming) >= _MAX_CONFIRMING:
-                continue
-            _natsio.write_pending_now(nc)  # the PING must follow the batches it confirms
-            batches, nbytes = self._unconfirmed, self._unconfirmed_bytes
-            self._unconfirmed, self._unconfirmed_bytes = [], 0
-            ping = self._start_ping(nc, loop)
-            self._confirming.append((ping, batches, nbytes))
-            ping.add_done_callback(self._on_pong)
+            self._request_confirmation(nc)
+
+    def _request_confirmation(self, nc: Client) -> None:
+        """Send a PING after the batches handed over so far; its PONG confirms them."""
+        if not self._unconfirmed or not nc.is_connected or len(self._confirming) >= _MAX_CONFIRMING:
+            return
+        _natsio.write_pending_now(nc)  # the PING must follow the batches it confirms
+        batches, nbytes = self._unconfirmed, self._unconfirmed_bytes
+        self._unconfirmed, self._unconfirmed_bytes = [], 0
+        ping = self._start_ping(nc, asyncio.get_running_loop())
+        self._confirming.append((ping, batches, nbytes))
+        ping.add_done_callback(self._on_pong)
 
     def _on_pong(self, ping: asyncio.Task[None]) -> None:
         if ping.cancelled() or ping.exception() is not None:
@@ -259,6 +264,9 @@ class Pump:
                 break
         self.in_flight -= released
         self.outbox.release(released)
+        nc = self.nc
+        if nc is not None and self._unconfirmed_bytes >= self.high_water:
+            self._request_confirmation(nc)
 
     def on_disconnected(self, nc: Client) -> None:
         """The connection dropped: put what the server never confirmed back in front."""
