@@ -16,6 +16,8 @@ from ._errors import InvalidMessageError, InvalidTypeError
 
 __all__ = ("HashRing",)
 
+_CACHE_LIMIT = 65536
+
 
 def _position(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest(), "big")
@@ -45,12 +47,27 @@ class HashRing:
         points = sorted((_position(f"{name}::{i}".encode()), name) for name in names for i in range(replicas))
         self._positions = [p for p, _ in points]
         self._owners = [n for _, n in points]
+        # Asset keys repeat: remember recent placements instead of hashing every message.
+        self._cache: dict[str | bytes, str] = {}
 
     def get(self, key: str | bytes) -> str:
         """The node that owns *key*.
 
         :raises TypeError: when *key* is neither ``str`` nor ``bytes``.
         """
+        kind = type(key)
+        if kind is str or kind is bytes:
+            cached = self._cache.get(key)
+            if cached is not None:
+                return cached
+        owner = self._place(key)
+        if kind is str or kind is bytes:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = owner
+        return owner
+
+    def _place(self, key: object) -> str:
         if isinstance(key, str):
             data = key.encode("utf-8")
         elif isinstance(key, bytes | bytearray | memoryview):
