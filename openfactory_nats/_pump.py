@@ -111,12 +111,24 @@ class Pump:
             unconfirmed = [f for _, group, _ in self._confirming for batch in group for f in batch]
             unconfirmed += [f for batch in self._unconfirmed for f in batch]
             pending = [f for f in nc._pending if isinstance(f, bytes) and f.startswith((b"PUB ", b"HPUB "))]
-            for frame in (unconfirmed if self.replay else []) + pending:
+            # What reached the kernel goes out on the old socket anyway; only when the
+            # transport still held bytes can a written frame be missing (replay it then).
+            stuck = _natsio.buffered_bytes(nc) > nc._pending_data_size
+            for frame in (unconfirmed if self.replay and stuck else []) + pending:
                 if id(frame) not in seen:
                     seen.add(id(frame))
                     kept.append(frame)
             with contextlib.suppress(Exception):
                 _natsio.abort_transport(nc)
+        elif nc is not None:
+            unsent = int(getattr(nc, "_pending_data_size", 0))
+            if unsent:
+                self.stats.add("dropped_bytes", unsent)
+                self.logger.error(
+                    "cluster %s: %d bytes buffered by a client whose event loop ended were dropped",
+                    self.cluster,
+                    unsent,
+                )
         self._confirming.clear()
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         self._salvaged = kept + self._salvaged
@@ -180,9 +192,20 @@ class Pump:
 
     async def _pump_public(self, nc: Client) -> None:
         while len(self.outbox) and self.usable(nc):
-            for subject, payload, headers, size in self.outbox.take():
+            batch = self.outbox.take()
+            for index, (subject, payload, headers, size) in enumerate(batch):
                 try:
                     await nc.publish(subject, payload, headers=headers)
+                except asyncio.CancelledError:
+                    # The loop is shutting down under us: what was not handed over is lost.
+                    rest = batch[index + 1 :]
+                    if rest:
+                        self.stats.add("dropped", len(rest))
+                        self.stats.add("dropped_bytes", sum(len(item[1]) for item in rest))
+                        self.logger.error(
+                            "cluster %s: %d messages dropped: event loop stopped", self.cluster, len(rest)
+                        )
+                    raise
                 except Exception as exc:
                     self.stats.add("dropped")
                     self.stats.add("dropped_bytes", len(payload))

@@ -387,3 +387,17 @@ def test_a_buffer_dropped_by_nats_py_is_counted_and_logged(
     with caplog.at_level(logging.ERROR):
         asyncio.run(main())
     assert any(r.levelno == logging.ERROR and "dropped" in r.getMessage() for r in caplog.records)
+
+
+def test_the_reference_usage_with_one_event_loop_per_call(
+    server: NatsServer, logger: logging.Logger, subscriber_factory: Any
+) -> None:
+    """The original's documentation runs each call in its own ``asyncio.run``."""
+    sub = subscriber_factory(server.url, "asset.>")
+    cluster = NatsCluster(name="C1", servers=[server.url], logger=logger)
+    asyncio.run(cluster.connect())
+    asyncio.run(cluster.publish("asset.123", b"payload"))
+    asyncio.run(cluster.publish("asset.124", b"payload"))
+    asyncio.run(cluster.close())
+    assert [m.subject for m in sub.wait_for(2)] == ["asset.123", "asset.124"]
+    assert cluster.state is ClusterState.CLOSED and cluster.stats()["dropped"] == 0
