@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 
-import nats.errors
 from nats.aio.client import Client
 
 from . import _natsio
 from ._aio import bounded, quiet
+from ._callbacks import callbacks_for, describe
 from ._errors import (
     BufferFullError,
     ClusterClosedError,
@@ -26,7 +25,7 @@ from ._errors import (
 )
 from ._jetstream import PubAck, check_msg_id, new_msg_id, publish_acked
 from ._pump import Pump
-from ._redact import redact, redact_url
+from ._redact import redact_url
 from ._state import ClusterState
 from ._stats import Stats
 from ._wire import build_frame, check_timeout, payload_bytes
@@ -41,23 +40,6 @@ _CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "dis
 _RESERVED = ("servers", "allow_reconnect", "max_reconnect_attempts", "pending_size")
 
 Item = Any  # a frame (fast path) or a (subject, payload, headers, size) tuple (public-API path)
-
-
-def _is_refusal(exc: BaseException) -> bool:
-    """True when retrying cannot help: credentials or certificates refused. nats-py 2.16
-    reports an authorization violation as a plain ``nats.errors.Error`` while connecting."""
-    if isinstance(exc, nats.errors.AuthorizationError | ssl.SSLCertVerificationError):
-        return True
-    text = str(exc).lower()
-    return (
-        "authorization violation" in text
-        or "certificate verify failed" in text
-        or ("authentication" in text and ("expired" in text or "timeout" in text or "fail" in text))
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    return redact(str(exc) or type(exc).__name__)
 
 
 class NatsCluster:
@@ -241,7 +223,7 @@ class NatsCluster:
         """The error for a connection not made within *timeout* s (``connect_timeout``)."""
         servers = ", ".join(redact_url(u) for u in self.servers)
         seconds = self.connect_timeout if timeout is None else timeout
-        last = f"; last error: {_describe(self._last_error)}" if self._last_error is not None else ""
+        last = f"; last error: {describe(self._last_error)}" if self._last_error is not None else ""
         return ConnectTimeoutError(
             f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s{last}", cluster=self.name
         )
@@ -265,7 +247,7 @@ class NatsCluster:
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
                 pending_size=self.max_pending_bytes,
-                **self._callbacks_for(nc, refused),
+                **callbacks_for(self, nc, refused),
                 **options,
             )
         )
@@ -284,15 +266,13 @@ class NatsCluster:
             await asyncio.wait({task}, timeout=0.5)
             if refused.done() and not refused.cancelled():
                 raise ConnectError(
-                    f"cluster {self.name!r}: connection refused: {_describe(refused.result())}", cluster=self.name
+                    f"cluster {self.name!r}: connection refused: {describe(refused.result())}", cluster=self.name
                 ) from refused.result()
             raise self.connect_timeout_error()
         exc = task.exception()
         if exc is not None:
             self._abandon(nc, task)
-            raise ConnectError(
-                f"cluster {self.name!r}: could not connect: {_describe(exc)}", cluster=self.name
-            ) from exc
+            raise ConnectError(f"cluster {self.name!r}: could not connect: {describe(exc)}", cluster=self.name) from exc
         self.nc = nc
         self._js = None
         self._max_payload = nc.max_payload or _DEFAULT_MAX_PAYLOAD
@@ -309,73 +289,6 @@ class NatsCluster:
     def _server_of(self, nc: Client) -> str:
         url = nc.connected_url
         return redact_url(url.geturl()) if url is not None else "?"
-
-    def _callbacks_for(self, nc: Client, refused: asyncio.Future[BaseException]) -> dict[str, Any]:
-        user = self._user_callbacks
-
-        async def chain(key: str, *args: Any) -> None:
-            callback = user.get(key)
-            if callback is not None:
-                try:
-                    await callback(*args)
-                except Exception:
-                    self.logger.exception("cluster %s: %s raised", self.name, key)
-
-        def current() -> bool:
-            return nc is self.nc and not self._closing and not self._closed
-
-        async def error_cb(exc: Exception) -> None:
-            self._stats.add("errors")
-            self._last_error = exc
-            if _is_refusal(exc) and not refused.done():
-                refused.set_result(exc)
-            self.logger.warning("cluster %s: error: %s", self.name, _describe(exc))
-            await chain("error_cb", exc)
-
-        async def disconnected_cb() -> None:
-            if current():
-                self._stats.add("disconnects")
-                self.logger.warning("cluster %s: disconnected; buffering until reconnected", self.name)
-                self._pump.on_disconnected(nc)
-            await chain("disconnected_cb")
-
-        async def reconnected_cb() -> None:
-            self._stats.add("reconnects")
-            self._max_payload = nc.max_payload or self._max_payload
-            self.logger.info("cluster %s: reconnected to %s", self.name, self._server_of(nc))
-            if nc is self.nc:
-                self._pump.on_reconnected(nc)
-            await chain("reconnected_cb")
-
-        async def closed_cb() -> None:
-            if current():
-                self.ready = False
-                self._pump.lose_in_flight("nats-py closed the connection for good")
-                self.logger.error("cluster %s: connection closed by the client; will reconnect on next use", self.name)
-            await chain("closed_cb")
-
-        async def discovered_server_cb() -> None:
-            found = [redact_url(s.geturl()) for s in nc.discovered_servers]
-            self.logger.info("cluster %s: discovered servers %s", self.name, found)
-            await chain("discovered_server_cb")
-
-        async def lame_duck_mode_cb() -> None:
-            self.logger.warning(
-                "cluster %s: server %s entered lame-duck mode; moving to another server", self.name, self._server_of(nc)
-            )
-            if current():
-                # Leave before the server closes the connection, so that nothing is cut off.
-                asyncio.get_running_loop().create_task(nc.force_reconnect())
-            await chain("lame_duck_mode_cb")
-
-        return {
-            "error_cb": error_cb,
-            "disconnected_cb": disconnected_cb,
-            "reconnected_cb": reconnected_cb,
-            "closed_cb": closed_cb,
-            "discovered_server_cb": discovered_server_cb,
-            "lame_duck_mode_cb": lame_duck_mode_cb,
-        }
 
     # -- publishing ----------------------------------------------------------------
     def prepare(self, subject: object, payload: object, headers: object, max_payload: int) -> tuple[Item, int]:
@@ -608,7 +521,7 @@ class NatsCluster:
             try:
                 drained = await bounded(nc.drain(), deadline - loop.time())
             except Exception as exc:
-                self.logger.warning("cluster %s: drain failed: %s", self.name, _describe(exc))
+                self.logger.warning("cluster %s: drain failed: %s", self.name, describe(exc))
         if not drained:
             unsent = _natsio.buffered_bytes(nc)
             if not await bounded(quiet(nc.close()), max(0.5, deadline - loop.time())):
