@@ -138,6 +138,8 @@ class TcpProxy:
     def close(self) -> None:
         self._closed = True
         self.cut()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         self._thread.join(5)
 
@@ -162,6 +164,8 @@ class SilentServer:
             self._held.append(conn)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
         self._listener.close()
         for conn in self._held:
             conn.close()
