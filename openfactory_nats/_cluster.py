@@ -412,7 +412,8 @@ class NatsCluster:
             await self._connect()
         if len(payload) > self._max_payload:
             raise InvalidMessageError(f"payload exceeds the server's max_payload of {self._max_payload}")
-        self._pump.on_wake()  # what was queued before goes first
+        if self.nc is not None:  # what was queued before goes first (while connected)
+            await self._pump.pump_all(self.nc, asyncio.get_running_loop().time() + wait)
 
         def jetstream() -> Any:
             nc = self.nc

@@ -307,3 +307,26 @@ def test_gunicorn_preload_deployment(server: NatsServer, subscriber_factory: Any
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def test_an_acked_publish_follows_the_same_threads_earlier_publishes(
+    jetstream_server: NatsServer, logger: logging.Logger
+) -> None:
+    import asyncio
+
+    import nats
+
+    async def make_stream() -> None:
+        nc = await nats.connect(jetstream_server.url)
+        await nc.jetstream().add_stream(name="ORDER", subjects=["order.>"])
+        await nc.close()
+
+    asyncio.run(make_stream())
+    with SyncNatsCluster("JS", [jetstream_server.url], logger) as cluster:
+        for i in range(1000):
+            cluster.publish("order.x", b"%d" % i)
+        ack = cluster.publish("order.x", b"acked", ack=True, msg_id="order-1")
+        assert (ack.stream, ack.seq, ack.duplicate) == ("ORDER", 1001, False)
+        again = cluster.publish("order.x", b"acked", ack=True, msg_id="order-1")
+        assert again.duplicate and again.seq == 1001
+        assert cluster.stats()["acked"] == 2
