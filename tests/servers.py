@@ -80,6 +80,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
         self._cut = False
+        self._blackhole = False
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
         self._thread.start()
@@ -114,7 +115,8 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if not self._blackhole:
+                    dst.sendall(data)
         except OSError:
             pass
         finally:
@@ -131,9 +133,14 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def blackhole(self) -> None:
+        """A silent partition: connections stay open, but nothing gets through either way."""
+        self._blackhole = True
+
     def restore(self) -> None:
         with self._lock:
             self._cut = False
+        self._blackhole = False
 
     def close(self) -> None:
         self._closed = True

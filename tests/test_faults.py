@@ -182,3 +182,40 @@ def test_acked_publishes_survive_a_server_crash_exactly_once(
     assert asyncio.run(stream_count()) == 2000
     assert len({(a.stream, a.seq) for a in acks if not a.duplicate}) == len([a for a in acks if not a.duplicate])
     assert stats["acked"] == 2000
+
+
+@pytest.mark.parametrize("replay", [True, False])
+def test_silent_partition_is_detected_and_replay_recovers_what_vanished(
+    server: NatsServer, proxy: TcpProxy, logger: logging.Logger, subscriber_factory: Any, replay: bool
+) -> None:
+    sub = subscriber_factory(server.url, "load.>")
+    with SyncNatsCluster(
+        "C1",
+        [proxy.url],
+        logger,
+        reconnect_time_wait=0.2,
+        connect_timeout=1.0,
+        ping_interval=1,
+        max_outstanding_pings=2,
+        replay_unconfirmed=replay,
+        timeout=2.0,
+    ) as client:
+        client.connect()
+        load = SteadyLoad(lambda t, seq: client.publish("load.data", b"%d:%d" % (t, seq)), threads=2, rate=500)
+        with load:
+            time.sleep(0.5)
+            proxy.blackhole()  # what is written now vanishes; nothing tells the client
+            wait_until(lambda: client.state is ClusterState.RECONNECTING, timeout=10)
+            proxy.restore()
+            wait_until(lambda: client.is_connected, timeout=10)
+            time.sleep(0.5)
+        client.flush(10)
+        stats = client.stats()
+    outcome = count(data(sub.settle(quiet=0.5)), load.result)
+    assert load.result.errors == []
+    assert outcome["out_of_order"] == 0
+    if replay:
+        assert outcome["lost"] == 0, outcome
+        assert stats["replayed"] > 0
+    else:
+        assert outcome["lost"] > 0, outcome  # at-most-once: what vanished stays lost
