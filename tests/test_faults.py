@@ -144,7 +144,8 @@ def test_partition_buffers_in_order_then_refuses_beyond_the_limit(
         msg.data = b":".join(msg.data.split(b":")[:2])
     outcome = count(data(got), load.result)
     assert outcome["lost"] == 0 and outcome["out_of_order"] == 0, outcome
-    assert outcome["sent"] > 2500
+    # At least what the buffer holds was accepted during the cut (1 MiB of ~1 KB messages).
+    assert outcome["sent"] > 800
 
 
 def test_acked_publishes_survive_a_server_crash_exactly_once(
