@@ -266,15 +266,19 @@ class Pump:
             self._request_confirmation(nc)
 
     def _request_confirmation(self, nc: Client) -> None:
+        """Confirm the batches handed over so far, unless enough pings are out already."""
+        if self._unconfirmed and nc.is_connected and len(self._confirming) < _MAX_CONFIRMING:
+            self._confirming_ping(nc)
+
+    def _confirming_ping(self, nc: Client) -> asyncio.Task[None]:
         """Send a PING after the batches handed over so far; its PONG confirms them."""
-        if not self._unconfirmed or not nc.is_connected or len(self._confirming) >= _MAX_CONFIRMING:
-            return
         _natsio.write_pending_now(nc)  # the PING must follow the batches it confirms
         batches, nbytes = self._unconfirmed, self._unconfirmed_bytes
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         ping = self._start_ping(nc, asyncio.get_running_loop())
         self._confirming.append((ping, batches, nbytes))
         ping.add_done_callback(self._on_pong)
+        return ping
 
     def _on_pong(self, ping: asyncio.Task[None]) -> None:
         if ping.cancelled() or ping.exception() is not None:
@@ -341,17 +345,10 @@ class Pump:
         PONG future in its queue, and the PONG that finally arrives then kills its read loop
         (InvalidStateError). Orphaned pings are cancelled on reconnect and on close.
         """
-        loop = asyncio.get_running_loop()
         if self.replay and self._unconfirmed and nc.is_connected:
-            # This round trip confirms every batch handed over so far, as the ticks' do.
-            _natsio.write_pending_now(nc)
-            batches, nbytes = self._unconfirmed, self._unconfirmed_bytes
-            self._unconfirmed, self._unconfirmed_bytes = [], 0
-            ping = self._start_ping(nc, loop)
-            self._confirming.append((ping, batches, nbytes))
-            ping.add_done_callback(self._on_pong)
+            ping = self._confirming_ping(nc)  # this round trip confirms the batches too
         else:
-            ping = self._start_ping(nc, loop)
+            ping = self._start_ping(nc, asyncio.get_running_loop())
         done, _ = await asyncio.wait({ping}, timeout=max(0.0, timeout))
         if not done:
             return False

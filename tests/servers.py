@@ -17,7 +17,7 @@ import nats
 
 from openfactory_nats._embedded import EmbeddedServer, free_port
 
-__all__ = ("NatsServer", "SilentServer", "Subscriber", "TcpProxy", "free_port")
+__all__ = ("NatsServer", "SilentServer", "Subscriber", "TcpProxy", "create_stream", "free_port", "stream_count")
 
 
 class NatsServer(EmbeddedServer):
@@ -234,3 +234,29 @@ class Subscriber:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+def create_stream(url: str, name: str, subjects: list[str]) -> None:
+    """Create a JetStream stream with an independent nats-py client."""
+
+    async def run() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().add_stream(name=name, subjects=subjects)
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+def stream_count(url: str, name: str) -> int:
+    """How many messages a stream holds, asked with an independent nats-py client."""
+
+    async def run() -> int:
+        nc = await nats.connect(url)
+        try:
+            return int((await nc.jetstream().stream_info(name)).state.messages)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())

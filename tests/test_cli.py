@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from .servers import NatsServer, free_port
+from .servers import NatsServer, create_stream, free_port, stream_count
 
 CLI = [sys.executable, "-m", "openfactory_nats"]
 
@@ -116,24 +116,11 @@ def test_bench_smoke_run() -> None:
 
 
 def test_ack_stores_every_line_in_the_stream(jetstream_server: NatsServer) -> None:
-    import asyncio
-
-    import nats
-
-    async def stream_count(create: bool) -> int:
-        nc = await nats.connect(jetstream_server.url)
-        js = nc.jetstream()
-        if create:
-            await js.add_stream(name="CLI", subjects=["cli.>"])
-        count = int((await js.stream_info("CLI")).state.messages)
-        await nc.close()
-        return count
-
-    asyncio.run(stream_count(True))
+    create_stream(jetstream_server.url, "CLI", ["cli.>"])
     lines = b"".join(b"%d\n" % i for i in range(50))
     result = run(["publish", "--servers", jetstream_server.url, "--ack", "cli.lines"], stdin=lines)
     assert result.returncode == 0, result.stderr
-    assert asyncio.run(stream_count(False)) == 50
+    assert stream_count(jetstream_server.url, "CLI") == 50
     missing = run(["publish", "--servers", jetstream_server.url, "--ack", "--timeout", "1", "nostream.x", "v"])
     assert missing.returncode == 1 and "no acknowledgement" in missing.stderr.decode()
     assert "Traceback" not in missing.stderr.decode()

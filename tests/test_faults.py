@@ -15,7 +15,7 @@ import pytest
 from openfactory_nats import BufferFullError, ClusterState, PubAck, SyncNatsCluster
 
 from .load import SteadyLoad, count
-from .servers import NatsServer, Subscriber, TcpProxy
+from .servers import NatsServer, Subscriber, TcpProxy, create_stream, stream_count
 
 pytestmark = pytest.mark.slow
 
@@ -151,18 +151,7 @@ def test_partition_buffers_in_order_then_refuses_beyond_the_limit(
 def test_acked_publishes_survive_a_server_crash_exactly_once(
     jetstream_server: NatsServer, logger: logging.Logger
 ) -> None:
-    async def make_stream() -> None:
-        nc = await nats.connect(jetstream_server.url)
-        await nc.jetstream().add_stream(name="ASSETS", subjects=["assets.>"])
-        await nc.close()
-
-    async def stream_count() -> int:
-        nc = await nats.connect(jetstream_server.url)
-        info = await nc.jetstream().stream_info("ASSETS")
-        await nc.close()
-        return int(info.state.messages)
-
-    asyncio.run(make_stream())
+    create_stream(jetstream_server.url, "ASSETS", ["assets.>"])
     acks: list[PubAck] = []
     with SyncNatsCluster("JS", [jetstream_server.url], logger, reconnect_time_wait=0.1, timeout=30.0) as client:
         client.connect()
@@ -180,7 +169,7 @@ def test_acked_publishes_survive_a_server_crash_exactly_once(
         stats = client.stats()
     assert load.result.errors == []
     assert load.result.total == 2000 and len(acks) == 2000
-    assert asyncio.run(stream_count()) == 2000
+    assert stream_count(jetstream_server.url, "ASSETS") == 2000
     assert len({(a.stream, a.seq) for a in acks if not a.duplicate}) == len([a for a in acks if not a.duplicate])
     assert stats["acked"] == 2000
 

@@ -28,7 +28,7 @@ from openfactory_nats import (
     WrongThreadError,
 )
 
-from .servers import NatsServer, SilentServer, free_port
+from .servers import NatsServer, SilentServer, create_stream, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -312,16 +312,7 @@ def test_gunicorn_preload_deployment(server: NatsServer, subscriber_factory: Any
 def test_an_acked_publish_follows_the_same_threads_earlier_publishes(
     jetstream_server: NatsServer, logger: logging.Logger
 ) -> None:
-    import asyncio
-
-    import nats
-
-    async def make_stream() -> None:
-        nc = await nats.connect(jetstream_server.url)
-        await nc.jetstream().add_stream(name="ORDER", subjects=["order.>"])
-        await nc.close()
-
-    asyncio.run(make_stream())
+    create_stream(jetstream_server.url, "ORDER", ["order.>"])
     with SyncNatsCluster("JS", [jetstream_server.url], logger) as cluster:
         for i in range(1000):
             cluster.publish("order.x", b"%d" % i)
