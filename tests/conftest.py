@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .servers import NatsServer, SilentServer, Subscriber, TcpProxy, free_port
+from .servers import NatsServer, SilentServer, Subscriber, TcpProxy, wait_for_mesh
 
 
 @pytest.fixture
@@ -35,15 +35,19 @@ def jetstream_server(tmp_path) -> Iterator[NatsServer]:  # type: ignore[no-untyp
 
 @pytest.fixture
 def cluster3() -> Iterator[list[NatsServer]]:
-    """Three nats-server processes forming one cluster through routes."""
-    ports = [free_port() for _ in range(3)]
-    nodes = [
-        NatsServer(name=f"node{i}", cluster_port=ports[i], routes=[p for j, p in enumerate(ports) if j != i])
-        for i in range(3)
-    ]
+    """Three nats-server processes forming one cluster through routes.
+
+    Each node gets its cluster port from nats-server and routes to the nodes started before
+    it; gossip completes the mesh. A restarted node keeps its ports, so routes find it again.
+    """
+    nodes: list[NatsServer] = []
     try:
-        for node in nodes:
+        for i in range(3):
+            routes = [n.cluster_port for n in nodes if n.cluster_port]
+            node = NatsServer(name=f"node{i}", cluster_port=0, routes=routes)
+            nodes.append(node)  # before start(), so a failed start is cleaned up too
             node.start()
+        wait_for_mesh(nodes)
         yield nodes
     finally:
         for node in nodes:

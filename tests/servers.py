@@ -11,17 +11,30 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Self
 
 import nats
 
 from openfactory_nats._embedded import EmbeddedServer, free_port
 
-__all__ = ("NatsServer", "SilentServer", "Subscriber", "TcpProxy", "create_stream", "free_port", "stream_count")
+__all__ = (
+    "NatsServer",
+    "SilentServer",
+    "Subscriber",
+    "TcpProxy",
+    "create_stream",
+    "free_port",
+    "stream_count",
+    "wait_for_mesh",
+)
 
 
 class NatsServer(EmbeddedServer):
-    """An embedded server with the fault controls tests need, restartable on its ports."""
+    """An embedded server with the fault controls tests need, restartable on its ports.
+
+    ``cluster_port=0`` lets nats-server pick the route port on the first start (restarts
+    reuse it); None runs without clustering. *routes* are the cluster ports of other nodes.
+    """
 
     def __init__(
         self,
@@ -33,8 +46,9 @@ class NatsServer(EmbeddedServer):
         routes: list[int] | None = None,
         config: str | None = None,
         extra: list[str] | None = None,
+        ready_timeout: float = 10.0,
     ) -> None:
-        super().__init__(name, extra)
+        super().__init__(name, extra, ready_timeout)
         self.cluster_port = cluster_port
         self.routes = routes or []
         self.jetstream = jetstream
@@ -46,12 +60,23 @@ class NatsServer(EmbeddedServer):
         if self.config:
             args += ["-c", self.config]
         if self.jetstream:
-            args += ["-js", "-sd", self.store_dir or tempfile.mkdtemp(prefix="nats-js-")]
+            if self.store_dir is None:  # chosen once, so a restart finds its streams again
+                self.store_dir = tempfile.mkdtemp(prefix="nats-js-")
+            args += ["-js", "-sd", self.store_dir]
         if self.cluster_port is not None:
-            args += ["--cluster_name", "test", "--cluster", f"nats://127.0.0.1:{self.cluster_port}"]
+            args += ["--cluster_name", "test", "--cluster", f"nats://127.0.0.1:{self.cluster_port or -1}"]
             if self.routes:
                 args += ["--routes", ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)]
         return args
+
+    def start(self) -> Self:
+        super().start()
+        if self.cluster_port == 0:
+            port = self.listen_port("cluster")
+            if port is None:
+                raise RuntimeError(f"nats-server {self.name} reported no cluster port: {self.listening}")
+            self.cluster_port = port
+        return self
 
     def pause(self) -> None:
         self.send_signal(signal.SIGSTOP)
@@ -67,6 +92,25 @@ class NatsServer(EmbeddedServer):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/{path}", timeout=5) as r:
             result: dict[str, Any] = json.loads(r.read())
             return result
+
+    def peers(self) -> set[str]:
+        """Names of the servers this one has routes to (a pair has several pooled routes)."""
+        return {route["remote_name"] for route in self.monitor("routez")["routes"]}
+
+
+def wait_for_mesh(nodes: list[NatsServer], timeout: float = 10) -> None:
+    """Wait until every node has routes to all the others.
+
+    :raises RuntimeError: when the cluster has not formed within *timeout* seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        missing = {n.name: {o.name for o in nodes if o is not n} - n.peers() for n in nodes}
+        if not any(missing.values()):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cluster not formed within {timeout:g} s; missing routes: {missing}")
+        time.sleep(0.05)
 
 
 class TcpProxy:
