@@ -15,9 +15,9 @@ from ._errors import (
     WrongThreadError,
 )
 from ._jetstream import PubAck
+from ._lifecycle import ClusterState
 from ._ring import HashRing
 from ._router import ClusterRouter, SyncClusterRouter, clusters_from_env
-from ._state import ClusterState
 from ._sync import SyncNatsCluster
 from ._wire import validate_subject
 

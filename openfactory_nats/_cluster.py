@@ -1,4 +1,8 @@
-"""The asyncio core: one nats-py connection to one NATS cluster."""
+"""The asyncio core: one nats-py connection to one NATS cluster.
+
+Its life cycle (phases, who moves them, on which thread) is described and kept in
+:mod:`._lifecycle`; this module asks it and never keeps a state flag of its own.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +11,27 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 
+import nats.errors
 from nats.aio.client import Client
 
 from . import _natsio
 from ._aio import bounded, quiet
-from ._callbacks import callbacks_for, describe
+from ._connection import CALLBACKS, describe, open_client
 from ._errors import (
     BufferFullError,
-    ClusterClosedError,
     ClusterTimeoutError,
     ClusterUnavailableError,
-    ConnectError,
     ConnectTimeoutError,
     InvalidMessageError,
     InvalidTypeError,
     WrongThreadError,
 )
-from ._jetstream import PubAck, check_msg_id, new_msg_id, publish_acked
+from ._jetstream import MSG_ID_HEADER, PubAck, check_msg_id, new_msg_id, publish_acked
+from ._lifecycle import ClusterState, Lifecycle, Phase
 from ._pump import Pump
 from ._redact import redact_url
-from ._state import ClusterState
 from ._stats import Stats
-from ._wire import build_frame, check_timeout, payload_bytes
+from ._wire import build_frame, check_timeout, frame_size, payload_bytes
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
@@ -36,8 +39,10 @@ DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 DEFAULT_ACK_TIMEOUT = 10.0
 _DEFAULT_MAX_PAYLOAD = 1024 * 1024
 _UNKNOWN_MAX_PAYLOAD = 64 * 1024 * 1024  # before the first connection: the protocol's limit
-_CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "discovered_server_cb", "lame_duck_mode_cb")
 _RESERVED = ("servers", "allow_reconnect", "max_reconnect_attempts", "pending_size")
+_LARGE = 64 * 1024  # payloads above this reserve their room before being copied
+_POLL = 0.01
+_warned_public_api = False
 
 Item = Any  # a frame (fast path) or a (subject, payload, headers, size) tuple (public-API path)
 
@@ -97,21 +102,28 @@ class NatsCluster:
         self.max_pending_bytes = max_pending_bytes
         self.nc: Client | None = None
         self._lock = asyncio.Lock()
-        self._user_callbacks = {key: options.pop(key) for key in _CALLBACKS if key in options}
+        self._user_callbacks = {key: options.pop(key) for key in CALLBACKS if key in options}
         self._options = options
         self._fast = _natsio.supports_fast_path()
+        if not self._fast:
+            _warn_public_api(logger)
         self._stats = Stats()
-        self._pump = Pump(name, logger, max_pending_bytes, self._stats, fast=self._fast, replay=replay_unconfirmed)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump = Pump(
+            name,
+            logger,
+            max_pending_bytes,
+            self._stats,
+            client=self._attached,
+            wake=self._wake,
+            fast=self._fast,
+            replay=replay_unconfirmed,
+        )
+        self._life = Lifecycle(name, logger, on_close=self._pump.outbox.shut)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
         self._js: Any = None
         self._close_task: asyncio.Task[None] | None = None
-        self._connecting = False
-        self._closing = False
-        self._closed = False
-        self._ever_connected = False
         self._last_error: BaseException | None = None
-        #: True while a client exists that accepts messages (connected or reconnecting).
-        self.ready = False
 
     def __repr__(self) -> str:
         servers = ", ".join(redact_url(u) for u in self.servers)
@@ -121,25 +133,22 @@ class NatsCluster:
     @property
     def state(self) -> ClusterState:
         """The current :class:`ClusterState`."""
-        if self._closed:
-            return ClusterState.CLOSED
-        if self._closing:
-            return ClusterState.CLOSING
         nc = self.nc
-        if nc is not None and not nc.is_closed:
-            if nc.is_connected:
-                return ClusterState.CONNECTED
-            if nc.is_reconnecting or nc.is_connecting:
-                return ClusterState.RECONNECTING
-            return ClusterState.CLOSING
-        if self._connecting:
-            return ClusterState.CONNECTING
-        return ClusterState.DISCONNECTED if self._ever_connected else ClusterState.NEW
+        if nc is None:
+            return self._life.state(False, False)
+        return self._life.state(nc.is_connected, nc.is_reconnecting or nc.is_connecting)
 
     @property
     def is_connected(self) -> bool:
         """True while connected to a server and open."""
         return self.state is ClusterState.CONNECTED
+
+    def check_open(self) -> None:
+        """Any thread.
+
+        :raises ClusterClosedError: once closing has started.
+        """
+        self._life.check_open()
 
     @property
     def max_payload(self) -> int:
@@ -152,39 +161,49 @@ class NatsCluster:
         ``published`` messages and their ``bytes`` (protocol frames) handed to the client;
         ``acked`` confirmed publishes; ``errors`` reported by the client; ``reconnects``;
         ``disconnects``; ``replayed`` messages sent again after a lost connection;
-        ``dropped`` messages and ``dropped_bytes`` that could not be delivered (each loss
-        is also logged at ERROR); ``refused`` messages (buffer full); and two gauges:
-        ``queued`` messages not yet handed to the client and ``unsent_bytes`` handed to it
-        but not yet written to the socket (with replay: not yet confirmed).
+        ``dropped`` messages and ``dropped_bytes`` that could not be delivered or whose
+        delivery close could not confirm (each loss is also logged at ERROR); ``refused``
+        messages (buffer full); and two gauges: ``queued`` messages not yet handed to the
+        client and ``unsent_bytes`` handed to it but not yet written to the socket (with
+        replay: not yet confirmed).
         """
         result = self._stats.snapshot()
         result["queued"] = len(self._pump.outbox)
         result["unsent_bytes"] = self._pump.in_flight
         return result
 
-    def _check_open(self) -> None:
-        if self._closed or self._closing:
-            raise ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
+    def _attached(self) -> Client | None:
+        """The client messages go to: the open one, or the one being drained."""
+        phase = self._life.phase
+        return self.nc if phase is Phase.OPEN or phase is Phase.CLOSING else None
 
-    def _client_usable(self) -> bool:
-        return self._pump.usable(self.nc)
+    def _wake(self) -> None:
+        """Ask the loop to move queued messages into the client (any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._pump.on_wake)
+        except RuntimeError:
+            pass  # the loop is closing; close() or the next loop takes over the outbox
 
     def _adopt_loop(self) -> None:
         """Bind to the running loop; after the previous loop ended (``asyncio.run`` per
         call, as in the original's documentation), start afresh on this one and keep
         what the old client never sent."""
         loop = asyncio.get_running_loop()
-        previous = self._pump.loop
+        previous = self._loop
         if previous is loop:
             return
         if previous is not None and not previous.is_closed():
             raise WrongThreadError(f"cluster {self.name!r} is bound to another running event loop", cluster=self.name)
         if previous is not None:
-            self._pump.salvage()
-            self.nc, self._js, self.ready = None, None, False
+            nc, self.nc, self._js = self.nc, None, None
+            self._life.lost()
+            self._pump.salvage(nc)
             self._lock = asyncio.Lock()
             self._close_task = None
-        self._pump.bind(loop)
+        self._loop = loop
 
     # -- connecting ----------------------------------------------------------------
     async def connect(self) -> None:
@@ -197,27 +216,52 @@ class NatsCluster:
         :raises ConnectError: when the connection was refused (credentials, certificate).
         :raises ClusterClosedError: after :meth:`close`.
         """
-        self._check_open()
+        self._life.check_open()
         self._adopt_loop()
-        await self._connect()
+        await self._connect(self.connect_timeout)
 
-    async def _connect(self) -> None:
-        if self._client_usable():
+    async def _connect(self, timeout: float) -> None:
+        if self._life.accepting:
             return
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.connect_timeout
+        deadline = loop.time() + timeout
         try:
-            await asyncio.wait_for(self._lock.acquire(), self.connect_timeout)
+            await asyncio.wait_for(self._lock.acquire(), timeout)
         except TimeoutError:
-            raise self.connect_timeout_error() from None
+            raise self.connect_timeout_error(timeout) from None
         try:
-            if not self._client_usable() and not self._closed:
-                self._connecting = True
-                await self._open_client(deadline)
+            fallback = self._life.begin_connect()
+            if fallback is None:
+                return
+            try:
+                nc = await open_client(self, self._connect_options(), deadline)
+            except BaseException:
+                self._life.connect_failed(fallback)
+                raise
+            self.nc = nc
+            self._js = None
+            self._max_payload = nc.max_payload or _DEFAULT_MAX_PAYLOAD
+            self._pump.attach(nc)
+            self._life.connected()  # raises ClusterClosedError if close() began meanwhile
+            self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
         finally:
-            self._connecting = False
             self._lock.release()
         self._pump.on_wake()
+
+    def _connect_options(self) -> dict[str, Any]:
+        self._last_error = None
+        return {
+            "name": self.name,
+            "ping_interval": 10,
+            "flush_timeout": self.connect_timeout,
+            **self._options,
+            "servers": self.servers,
+            "reconnect_time_wait": self.reconnect_time_wait,
+            "connect_timeout": self.connect_timeout,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "pending_size": self.max_pending_bytes,
+        }
 
     def connect_timeout_error(self, timeout: float | None = None) -> ConnectTimeoutError:
         """The error for a connection not made within *timeout* s (``connect_timeout``)."""
@@ -228,101 +272,90 @@ class NatsCluster:
             f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s{last}", cluster=self.name
         )
 
-    async def _open_client(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        nc = Client()
-        refused: asyncio.Future[BaseException] = loop.create_future()
-        self._last_error = None
-        options: dict[str, Any] = {
-            "name": self.name,
-            "ping_interval": 10,
-            "flush_timeout": self.connect_timeout,
-            **self._options,
-        }
-        task = loop.create_task(
-            nc.connect(
-                servers=self.servers,
-                reconnect_time_wait=self.reconnect_time_wait,  # type: ignore[arg-type]  # floats are fine
-                connect_timeout=self.connect_timeout,  # type: ignore[arg-type]
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                pending_size=self.max_pending_bytes,
-                **callbacks_for(self, nc, refused),
-                **options,
-            )
-        )
-        waiting: set[asyncio.Future[Any]] = {task, refused}
-        try:
-            done, _ = await asyncio.wait(
-                waiting, timeout=max(0.0, deadline - loop.time()), return_when=asyncio.FIRST_COMPLETED
-            )
-        except asyncio.CancelledError:
-            self._abandon(nc, task)  # the caller gave up: leave no connection attempt behind
-            raise
-        finally:
-            refused.cancel()
-        if task not in done:
-            self._abandon(nc, task)
-            await asyncio.wait({task}, timeout=0.5)
-            if refused.done() and not refused.cancelled():
-                raise ConnectError(
-                    f"cluster {self.name!r}: connection refused: {describe(refused.result())}", cluster=self.name
-                ) from refused.result()
-            raise self.connect_timeout_error()
-        exc = task.exception()
-        if exc is not None:
-            self._abandon(nc, task)
-            raise ConnectError(f"cluster {self.name!r}: could not connect: {describe(exc)}", cluster=self.name) from exc
-        self.nc = nc
-        self._js = None
-        self._max_payload = nc.max_payload or _DEFAULT_MAX_PAYLOAD
-        self._ever_connected = True
-        self._pump.attach(nc)
-        self.ready = True
-        self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
-
-    @staticmethod
-    def _abandon(nc: Client, task: asyncio.Task[None]) -> None:
-        task.cancel()
-        _natsio.abort_transport(nc)
-
     def _server_of(self, nc: Client) -> str:
         url = nc.connected_url
         return redact_url(url.geturl()) if url is not None else "?"
 
+    # -- events of the nats-py client (see _connection) ------------------------------
+    def _client_error(self, nc: Client, exc: BaseException) -> None:
+        self._stats.add("errors")
+        self._last_error = exc
+        self.logger.warning("cluster %s: error: %s", self.name, describe(exc))
+
+    def _client_disconnected(self, nc: Client) -> None:
+        if nc is self._attached():
+            self._stats.add("disconnects")
+            self.logger.warning("cluster %s: disconnected; buffering until reconnected", self.name)
+            self._pump.on_disconnected(nc)
+
+    def _client_reconnected(self, nc: Client) -> None:
+        self._stats.add("reconnects")
+        self._max_payload = nc.max_payload or self._max_payload
+        self.logger.info("cluster %s: reconnected to %s", self.name, self._server_of(nc))
+        if nc is self._attached():
+            self._pump.on_reconnected(nc)
+
+    def _client_closed(self, nc: Client) -> None:
+        if nc is self.nc and self._life.lost():
+            self._pump.lose_in_flight("nats-py closed the connection for good")
+            self.logger.error("cluster %s: connection closed by the client; will reconnect on next use", self.name)
+
+    def _client_discovered(self, nc: Client) -> None:
+        found = [redact_url(s.geturl()) for s in nc.discovered_servers]
+        self.logger.info("cluster %s: discovered servers %s", self.name, found)
+
+    def _client_lame_duck(self, nc: Client) -> None:
+        self.logger.warning(
+            "cluster %s: server %s entered lame-duck mode; moving to another server", self.name, self._server_of(nc)
+        )
+        if nc is self.nc and self._life.accepting:
+            # Leave before the server closes the connection, so that nothing is cut off.
+            asyncio.get_running_loop().create_task(nc.force_reconnect())
+
     # -- publishing ----------------------------------------------------------------
-    def prepare(self, subject: object, payload: object, headers: object, max_payload: int) -> tuple[Item, int]:
-        """Validate a message and return the item to queue and its size in bytes.
+    def prepare(self, subject: object, payload: object, headers: object, max_payload: int | None = None) -> int:
+        """Validate a message (any thread) and return its frame's size in bytes.
 
-        Safe to call from any thread.
+        :param max_payload: the limit to check against (default: the server's, or the
+            protocol's before the first connection).
         """
-        frame = build_frame(subject, payload, headers, max_payload)
+        if max_payload is None:
+            max_payload = self._max_payload if self._life.ever_open else _UNKNOWN_MAX_PAYLOAD
+        return frame_size(subject, payload, headers, max_payload)
+
+    def offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool:
+        """Validate a message and queue it, from any thread, waiting up to *timeout* s
+        for room. Returns False, with nothing queued, when no client is open yet (the
+        caller connects, then offers again).
+
+        :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
+        :raises ClusterClosedError: once closing has started.
+        """
+        try:
+            return self._offer(subject, payload, headers, timeout)
+        except BufferFullError:
+            self._stats.add("refused")
+            raise
+
+    def _offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool:
+        if self._life.phase is not Phase.OPEN:
+            self._life.check_open()
+            return False
         if self._fast:
-            return frame, len(frame)
-        copied = dict(headers) if isinstance(headers, Mapping) else None
-        return (subject, payload_bytes(payload), copied, len(frame)), len(frame)
-
-    def reserve(self, size: int, timeout: float) -> None:
-        """Wait (any thread but the loop's) until a message of *size* bytes fits.
-
-        :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
-        """
-        try:
-            self._pump.outbox.reserve(size, timeout)
-        except BufferFullError:
-            self._stats.add("refused")
-            raise
-
-    def enqueue(self, item: Item, size: int, timeout: float) -> None:
-        """Queue a prepared message from any thread, waiting up to *timeout* for room.
-
-        :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
-        """
-        try:
-            self._pump.outbox.put(item, size, timeout)
-        except BufferFullError:
-            self._stats.add("refused")
-            raise
+            if type(payload) is not bytes:
+                payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
+            if len(payload) > _LARGE:
+                # Make room before copying a large payload into a frame, so that no copy
+                # waits outside the budget: the cap is on memory.
+                self._pump.outbox.reserve(frame_size(subject, payload, headers, self._max_payload), timeout)
+            frame = build_frame(subject, payload, headers, self._max_payload)
+            self._pump.outbox.put(frame, len(frame), timeout)
+        else:
+            frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
+            copied = dict(headers) if isinstance(headers, Mapping) else None
+            item = (subject, payload_bytes(payload), copied, len(frame))
+            self._pump.outbox.put(item, len(frame), timeout)
+        return True
 
     @overload
     async def publish(
@@ -378,66 +411,86 @@ class NatsCluster:
         :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
         :raises ClusterClosedError: after :meth:`close`.
         """
-        self._check_open()
+        self._life.check_open()
         wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
-        limit = self._max_payload if self._ever_connected else _UNKNOWN_MAX_PAYLOAD
-        item, size = self.prepare(subject, payload, headers, limit)
+        self.prepare(subject, payload, headers)
         if ack:
             return await self._publish_acked(subject, payload, headers, msg_id, wait)
         self._adopt_loop()
-        if not self._client_usable():
-            await self._connect()
-            item, size = self.prepare(subject, payload, headers, self._max_payload)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             try:
-                self._pump.outbox.put(item, size, 0.0)
-                break
+                if self._offer(subject, payload, headers, 0.0):
+                    return None
+                await self._connect(self.connect_timeout)
             except BufferFullError:
                 if loop.time() >= deadline:
                     self._stats.add("refused")
                     raise
                 self._pump.on_wake()
                 await asyncio.sleep(0.002)
-        self._pump.on_wake()
-        return None
 
     async def _publish_acked(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None, msg_id: str | None, wait: float
     ) -> PubAck:
         ident = new_msg_id() if msg_id is None else check_msg_id(msg_id)
         self._adopt_loop()
-        if not self._client_usable():
-            await self._connect()
-        if len(payload) > self._max_payload:
-            raise InvalidMessageError(f"payload exceeds the server's max_payload of {self._max_payload}")
-        if self.nc is not None:  # what was queued before goes first (while connected)
-            await self._pump.pump_all(self.nc, asyncio.get_running_loop().time() + wait)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        if not self._life.accepting:
+            await self._connect(min(self.connect_timeout, wait))
+        # The server counts the headers, ours included, against max_payload.
+        build_frame(subject, payload, {**(headers or {}), MSG_ID_HEADER: ident}, self._max_payload)
+        # What was queued before goes first, also during an outage: JetStream's request
+        # would otherwise wait in nats-py's reconnect buffer, ahead of our outbox.
+        await self._pump_before(self._pump.outbox.mark(), deadline, "acknowledged publish")
 
         def jetstream() -> Any:
-            nc = self.nc
-            if nc is None or not self._client_usable():
+            nc = self._attached()
+            if nc is None or not self._life.accepting:
                 return None
             if self._js is None:
                 self._js = nc.jetstream()
             return self._js
 
-        ack = await publish_acked(self.name, jetstream, subject, payload_bytes(payload), headers, ident, wait)
+        ack = await publish_acked(
+            self.name, jetstream, subject, payload_bytes(payload), headers, ident, max(0.0, deadline - loop.time())
+        )
         self._stats.add("acked")
         return ack
 
+    async def _pump_before(self, mark: int, deadline: float, what: str) -> None:
+        """Hand the client everything queued before *mark*, waiting for a reconnection
+        if need be, by *deadline*."""
+        loop = asyncio.get_running_loop()
+        while not await self._pump.pump_to(mark, deadline):
+            self._life.check_open()
+            if self._attached() is None:
+                raise self._lost_error(what)
+            if loop.time() >= deadline:
+                raise ClusterTimeoutError(
+                    f"cluster {self.name!r}: {what}: the messages queued before it could not be sent in time",
+                    cluster=self.name,
+                )
+            await asyncio.sleep(_POLL)
+
+    def _lost_error(self, what: str) -> ClusterUnavailableError:
+        return ClusterUnavailableError(f"cluster {self.name!r}: connection lost during {what}", cluster=self.name)
+
     # -- flushing and closing ------------------------------------------------------
     async def flush(self, timeout: float = 10.0) -> None:
-        """Write everything queued so far and wait for the server to confirm (PING/PONG).
+        """Send everything queued before this call and wait for the server to confirm it
+        (PING/PONG). Messages queued meanwhile by other tasks or threads are not waited for.
 
         While reconnecting it waits for the reconnection, since a PONG from before the
         outage proves nothing about buffered messages.
 
         :raises ClusterTimeoutError: when that did not happen within *timeout* seconds.
-        :raises ClusterClosedError: after :meth:`close`.
+        :raises ClusterUnavailableError: when the client gave up reconnecting meanwhile.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         """
-        self._check_open()
+        self._life.check_open()
         wait = check_timeout(timeout)
         self._adopt_loop()
         await self._flush(wait)
@@ -445,67 +498,76 @@ class NatsCluster:
     async def _flush(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if not self._client_usable():
+        if not self._life.accepting:
             if not self._pump.pending_work() and self.nc is None:
                 return
-            await self._connect()
+            await self._connect(min(self.connect_timeout, timeout))
+        mark = self._pump.outbox.mark()
+        rounds = 1 if self._fast else 2  # nats-py's own PING may overtake what it holds
         while True:
-            nc = self.nc
-            if nc is None or not self._client_usable():
-                raise ClusterUnavailableError(f"cluster {self.name!r}: connection lost during flush", cluster=self.name)
-            await self._pump.pump_all(nc, deadline)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
+            self._life.check_open()
+            nc = self._attached()
+            if nc is None:
+                raise self._lost_error("flush")
+            if loop.time() >= deadline:
                 raise ClusterTimeoutError(
                     f"cluster {self.name!r}: flush did not complete within {timeout:g} s", cluster=self.name
                 )
-            if nc.is_connected:
-                reconnects = self._stats.get("reconnects")
-                if self._fast:
-                    _natsio.write_pending_now(nc)
-                rounds = 1 if self._fast else 2  # a first PING may overtake what is pending
-                answered = True
+            if nc.is_connected and await self._pump.pump_to(mark, deadline):
+                answered: bool | None = True
                 for _ in range(rounds):
                     answered = await self._pump.ping(nc, deadline - loop.time())
                     if not answered:
                         break
-                if answered and reconnects == self._stats.get("reconnects") and nc.is_connected:
+                if answered:
                     self._pump.reconcile(nc)
                     return
-            await asyncio.sleep(0.01)
+                continue  # timed out (the loop raises) or lost: try again once reconnected
+            await asyncio.sleep(_POLL)
 
-    async def close(self) -> None:
-        """Drain (bounded by ``drain_timeout``) and close. Safe to call many times, also
-        concurrently; it ends closed even when the drain fails or the server is stalled."""
-        if self._closed:
+    def begin_close(self) -> None:
+        """Refuse new messages from now on (any thread); :meth:`close` finishes closing."""
+        self._life.begin_close()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Drain and close, within ``drain_timeout`` (or *timeout*, if shorter). Safe to
+        call many times, also concurrently; it ends closed even when the drain fails or
+        the server is stalled. What could not be delivered in time is counted as dropped
+        and logged at ERROR."""
+        if self._life.phase is Phase.CLOSED:
             return
+        limit = self.drain_timeout if timeout is None else min(self.drain_timeout, check_timeout(timeout))
+        self._adopt_loop()
+        self._life.begin_close()
         if self._close_task is None:
-            self._adopt_loop()
-            self._closing = True
-            self.ready = False
-            self._close_task = asyncio.get_running_loop().create_task(self._close())
+            deadline = asyncio.get_running_loop().time() + limit
+            self._close_task = asyncio.get_running_loop().create_task(self._close(deadline))
         await asyncio.shield(self._close_task)
 
-    async def _close(self) -> None:
+    async def _close(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.drain_timeout
+        locked = False
         try:
+            # A connection attempt in progress ends first (or runs out of time).
+            locked = await bounded(self._lock.acquire(), deadline - loop.time())
             if self.nc is None and self._pump.pending_work():
                 # Messages are still waiting (for instance from an event loop that ended):
                 # try to deliver them within the drain time.
                 try:
-                    await asyncio.wait_for(self._open_client(deadline), max(0.0, deadline - loop.time()))
-                except (ConnectError, TimeoutError) as exc:
+                    self.nc = await open_client(self, self._connect_options(), deadline)
+                except (ClusterUnavailableError, TimeoutError) as exc:
                     self.logger.error("cluster %s: could not connect to deliver at close: %s", self.name, exc)
-            nc = self.nc
-            if nc is not None and not nc.is_closed:
-                await self._drain(nc, deadline)
+                else:
+                    self._pump.attach(self.nc)
+            if self.nc is not None and not self.nc.is_closed:
+                await self._drain(self.nc, deadline)
         finally:
-            self._closed = True
             left = self._pump.shutdown()
             if left:
-                self._stats.add("dropped", len(left))
-                self.logger.error("cluster %s: closed with %d messages never sent", self.name, len(left))
+                self._pump.report_dropped(left, "closed before they could be sent")
+            self._life.closed()
+            if locked:
+                self._lock.release()
             self.logger.info("cluster %s: closed (%s)", self.name, self.stats())
 
     async def _drain(self, nc: Client, deadline: float) -> None:
@@ -514,19 +576,28 @@ class NatsCluster:
         # nats-py offers no event for this state change, hence the polling.
         while (nc.is_reconnecting or nc.is_connecting) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
-        await self._pump.pump_all(nc, deadline)  # move what is still queued here into the client
+        await self._pump.pump_to(self._pump.outbox.mark(), deadline)
         drained = False
         if nc.is_connected:
-            if self._fast:
-                _natsio.write_pending_now(nc)
+            # Our own PING first: its PONG confirms every batch handed over (replay).
+            if await self._pump.ping(nc, deadline - loop.time()):
+                self._pump.reconcile(nc)
             try:
                 drained = await bounded(nc.drain(), deadline - loop.time())
-            except Exception as exc:
+            except (nats.errors.Error, OSError) as exc:
                 self.logger.warning("cluster %s: drain failed: %s", self.name, describe(exc))
         if not drained:
-            unsent = _natsio.buffered_bytes(nc)
+            self._pump.unconfirmed_at_close(nc)
             if not await bounded(quiet(nc.close()), max(0.5, deadline - loop.time())):
                 _natsio.abort_transport(nc)
-            if unsent:
-                self._stats.add("dropped_bytes", unsent)
-                self.logger.error("cluster %s: close could not deliver %d buffered bytes", self.name, unsent)
+
+
+def _warn_public_api(logger: logging.Logger) -> None:
+    global _warned_public_api
+    if not _warned_public_api:
+        _warned_public_api = True
+        logger.warning(
+            "openfactory-nats: using nats-py's public publish API (slower; no replay of unconfirmed "
+            "messages after a lost connection): the installed nats-py lacks the internals of the "
+            "batched path, or OPENFACTORY_NATS_PUBLIC_API is set"
+        )

@@ -21,13 +21,20 @@ __all__ = (
     "abort_transport",
     "append_frames",
     "buffered_bytes",
+    "pending_bytes",
+    "pending_ids",
+    "pending_publish_frames",
     "prepend_frames",
+    "same_connection",
+    "send_ping",
     "supports_fast_path",
     "wait_writable",
     "write_pending_now",
 )
 
-_REQUIRED = ("_pending", "_pending_data_size", "_flush_queue", "_transport", "_status")
+_PING = b"PING\r\n"
+
+_REQUIRED = ("_pending", "_pending_data_size", "_flush_queue", "_transport", "_status", "_pongs")
 
 
 def supports_fast_path() -> bool:
@@ -73,6 +80,47 @@ def write_pending_now(nc: Client) -> None:
         nc._transport.writelines(nc._pending[:])
         nc._pending = []
         nc._pending_data_size = 0
+
+
+def send_ping(nc: Client) -> tuple[asyncio.Future[Any], object] | None:
+    """Write the pending buffer, then a PING; return the future nats-py resolves when
+    the PONG arrives and a token naming the connection it went out on (see
+    :func:`same_connection`), or None when the client is not connected.
+
+    Unlike ``Client.flush``, nothing here is ever cancelled: a cancelled future left in
+    nats-py's PONG queue kills its read loop when the PONG arrives. Callers wait on the
+    returned future with ``asyncio.wait`` (which does not cancel it) and forget it when
+    its connection is gone; nats-py drops the queue of a lost connection on reconnect.
+    """
+    if not nc.is_connected or nc._transport is None:
+        return None
+    write_pending_now(nc)
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    pongs = nc._pongs
+    pongs.append(future)
+    nc._transport.write(_PING)
+    return future, pongs
+
+
+def same_connection(nc: Client, token: object) -> bool:
+    """True while the connection a ping's *token* names is still the client's (nats-py
+    starts a new PONG queue for every connection it makes)."""
+    return nc._pongs is token
+
+
+def pending_bytes(nc: Client) -> int:
+    """Bytes in the client's pending buffer (its reconnect buffer while reconnecting)."""
+    return int(nc._pending_data_size)
+
+
+def pending_ids(nc: Client) -> set[int]:
+    """Identities of the items in the client's pending buffer."""
+    return {id(item) for item in nc._pending}
+
+
+def pending_publish_frames(nc: Client) -> list[bytes]:
+    """The ``PUB``/``HPUB`` frames still in the client's pending buffer."""
+    return [f for f in nc._pending if isinstance(f, bytes) and f.startswith((b"PUB ", b"HPUB "))]
 
 
 def _asyncio_transport(nc: Client) -> asyncio.WriteTransport | None:

@@ -8,6 +8,15 @@ gives bytes back to the pool once they have left the process (written to the soc
 
 The budget is never overdrawn: leased-but-unspent bytes count as used, so at most
 ``threads * chunk`` bytes of capacity can sit idle in the leases of quiet threads.
+
+Shutting down, without a lock on the hot path: :meth:`Outbox.shut` refuses new puts
+(producers check a flag before appending, and waiting producers are woken and refused);
+:meth:`Outbox.seal` marks the consumer's final take. A producer that appended after the
+seal finds it set when it looks again after its append, and sweeps what was appended
+late itself: such messages are reported through ``on_late`` (counted as dropped) and the
+producer raises ``ClusterClosedError``. So every message ends either handed to the
+consumer, or reported, and a producer that returned normally had its message taken by
+the consumer.
 """
 
 from __future__ import annotations
@@ -18,7 +27,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from ._errors import BufferFullError
+from ._errors import BufferFullError, ClusterClosedError
+from ._forksafe import renew_after_fork
 
 __all__ = ("Outbox",)
 
@@ -51,9 +61,18 @@ class Outbox(Generic[T]):
     :param cluster: the cluster name, for error messages.
     :param limit: the user-facing limit that *capacity* derives from, for error messages
         (defaults to *capacity*).
+    :param on_late: called with the items a producer swept after the final take; they
+        will never be sent.
     """
 
-    def __init__(self, capacity: int, wake: Callable[[], object], cluster: str, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        wake: Callable[[], object],
+        cluster: str,
+        limit: int | None = None,
+        on_late: Callable[[list[T]], object] | None = None,
+    ) -> None:
         self.capacity = capacity
         self.limit = capacity if limit is None else limit
         self.chunk = max(1, min(256 * 1024, capacity // 64))
@@ -68,21 +87,73 @@ class Outbox(Generic[T]):
         self.scheduled = False
         #: Number of producers waiting for room; the consumer polls while it is non-zero.
         self.waiters = 0
+        #: Items removed by the consumer so far (see :meth:`mark`).
+        self.taken = 0
+        self._on_late = on_late
+        self._shut = False
+        self._sealed = False
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.waiters = 0
 
     # -- producer side (any thread) ---------------------------------------------------
     def put(self, item: T, size: int, timeout: float) -> None:
         """Queue *item* of *size* bytes, waiting up to *timeout* seconds for room.
 
         :raises BufferFullError: when there is still no room after *timeout* seconds.
+        :raises ClusterClosedError: once :meth:`shut` was called (also while waiting).
         """
+        if self._shut:
+            raise self._closed_error()
         lease = self._lease()
         if lease.left < size:
             self._renew(lease, size, timeout)
         lease.left -= size
         self._items.append(item)
+        if self._shut:
+            self._after_shut()
         if not self.scheduled:
             self.scheduled = True
             self._wake()
+
+    def _closed_error(self) -> ClusterClosedError:
+        return ClusterClosedError(f"cluster {self.cluster!r} is closed", cluster=self.cluster)
+
+    def _after_shut(self) -> None:
+        """This producer appended while shutting down. Before the seal, the consumer's
+        final take will see the item; after it, nobody will: sweep and report."""
+        if not self._sealed:
+            return
+        late: list[T] = []
+        items = self._items
+        while True:
+            try:
+                late.append(items.popleft())
+            except IndexError:
+                break
+        if late and self._on_late is not None:
+            self._on_late(late)
+        raise self._closed_error()
+
+    def shut(self) -> None:
+        """Refuse new items from now on, and wake producers waiting for room (they get
+        ``ClusterClosedError``). What is queued stays for the consumer."""
+        self._shut = True
+        with self._cond:
+            self._cond.notify_all()
+
+    def seal(self) -> list[T]:
+        """The consumer's final take (after :meth:`shut`): return everything left."""
+        self._shut = True
+        self._sealed = True
+        return self.take()
+
+    @property
+    def is_shut(self) -> bool:
+        """True once :meth:`shut` was called."""
+        return self._shut
 
     def _lease(self) -> _Lease:
         try:
@@ -117,6 +188,8 @@ class Outbox(Generic[T]):
             self._available += lease.left
             lease.left = 0
             while self._available < size:
+                if self._shut:
+                    raise self._closed_error()
                 if deadline is None:
                     deadline = time.monotonic() + timeout
                 remaining = deadline - time.monotonic()
@@ -153,6 +226,7 @@ class Outbox(Generic[T]):
         count = len(items)
         pop = items.popleft
         if not max_bytes:
+            self.taken += count
             return [pop() for _ in range(count)]
         taken: list[T] = []
         total = 0
@@ -161,7 +235,13 @@ class Outbox(Generic[T]):
             taken.append(item)
             total += sizeof(item)
             count -= 1
+        self.taken += len(taken)
         return taken
+
+    def mark(self) -> int:
+        """(Consumer) The value :attr:`taken` reaches once everything queued now has
+        been taken; items appended later do not move it."""
+        return self.taken + len(self._items)
 
     def release(self, nbytes: int) -> None:
         """Give *nbytes* back to the budget once they are no longer held in memory."""

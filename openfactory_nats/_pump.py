@@ -11,6 +11,9 @@ referenced until a PING sent after it is answered. When the connection drops, th
 batches the server never confirmed are put back at the head of nats-py's reconnect
 buffer, so a server crash loses (almost) nothing; the price is that a message the server
 had processed but not yet confirmed can arrive twice (``stats()["replayed"]``).
+
+The pump holds no client of its own: it asks its owner (``client()``) for the one that
+is attached, which is None unless the cluster's life cycle says a client is open.
 """
 
 from __future__ import annotations
@@ -18,17 +21,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-import nats.errors
 from nats.aio.client import Client
 
 from . import _natsio
-from ._aio import bounded
 from ._errors import map_nats_error
 from ._outbox import Outbox
+from ._pings import Ping, Pings
 from ._stats import Stats
 
 __all__ = ("Pump",)
@@ -37,59 +39,63 @@ _POLL_INTERVAL = 0.002
 _CONFIRM_INTERVAL = 0.01
 _MAX_CONFIRMING = 4
 _HIGH_WATER = 4 * 1024 * 1024  # most bytes handed to nats-py and not yet on the socket
-_PING_PATIENCE = 3600.0  # see Pump.ping
 
 
 class Pump:
     """The loop side of one cluster's publishing.
 
+    :param client: returns the attached client, or None.
+    :param wake: schedules :meth:`on_wake` on the loop (any thread).
     :param fast: hand ready-made frames to nats-py's buffer (else call its ``publish``).
     :param replay: keep unconfirmed batches for replay after a lost connection.
     """
 
     def __init__(
-        self, cluster: str, logger: logging.Logger, max_pending_bytes: int, stats: Stats, *, fast: bool, replay: bool
+        self,
+        cluster: str,
+        logger: logging.Logger,
+        max_pending_bytes: int,
+        stats: Stats,
+        *,
+        client: Callable[[], Client | None],
+        wake: Callable[[], None],
+        fast: bool,
+        replay: bool,
     ) -> None:
         self.cluster = cluster
         self.logger = logger
         self.stats = stats
         self.fast = fast
         self.replay = replay and fast
+        self._client = client
         # Up to the high-water mark of bytes sits in nats-py's buffer and the transport;
         # writing it to the socket briefly copies it twice more. The outbox's budget leaves
         # room for that, so that the whole stays within max_pending_bytes.
         self.high_water = max(1024, min(_HIGH_WATER, max_pending_bytes // 16))
         capacity = max_pending_bytes - 2 * self.high_water
-        self.outbox: Outbox[Any] = Outbox(capacity, self.wake, cluster, limit=max_pending_bytes)
-        self.nc: Client | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.loop_thread: threading.Thread | None = None
+        self.outbox: Outbox[Any] = Outbox(capacity, wake, cluster, limit=max_pending_bytes, on_late=self._late)
+        self.pings = Pings(fast)
         #: Bytes handed to the client and not yet given back to the budget.
         self.in_flight = 0
         self._feeder: asyncio.Task[None] | None = None
         self._public: asyncio.Task[None] | None = None
         self._confirmer: asyncio.Task[None] | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
-        self._pings: set[asyncio.Task[None]] = set()
         self._unconfirmed: list[list[bytes]] = []
         self._unconfirmed_bytes = 0
-        self._confirming: deque[tuple[asyncio.Task[None], list[list[bytes]], int]] = deque()
+        self._confirming: deque[Ping] = deque()
         self._salvaged: list[bytes] = []
 
-    # -- binding -------------------------------------------------------------------
-    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run on *loop* (called on its thread)."""
-        self.loop = loop
-        self.loop_thread = threading.current_thread()
-
+    # -- clients coming and going ----------------------------------------------------
     def attach(self, nc: Client) -> None:
-        """Use the newly connected client *nc*; what was salvaged from a client whose
-        event loop ended goes first."""
-        self.nc = nc
-        self._confirming.clear()
+        """Start using the newly connected client *nc*; what was salvaged from a client
+        whose event loop ended goes first."""
         frames, self._salvaged = self._salvaged, []
         nbytes = sum(map(len, frames))
+        if self.in_flight > nbytes:  # a previous client's bytes that nobody accounted for
+            self._lose(self.in_flight - nbytes, "the previous connection ended before they were confirmed")
         self.in_flight = nbytes
+        self._confirming.clear()
         self._unconfirmed, self._unconfirmed_bytes = ([frames], nbytes) if self.replay and frames else ([], 0)
         if frames:
             _natsio.prepend_frames(nc, frames, nbytes)
@@ -97,130 +103,108 @@ class Pump:
             if self.replay:
                 self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
 
-    def salvage(self) -> None:
-        """The event loop of the current client has ended (its tasks are gone): keep the
-        frames it never sent (with replay: never confirmed) for the next client."""
-        nc, self.nc = self.nc, None
+    def salvage(self, nc: Client | None) -> None:
+        """The event loop of client *nc* has ended (its tasks are gone): keep the frames
+        it never sent (with replay: never confirmed) for the next client."""
         self._feeder = self._public = self._confirmer = None
         self._poll_handle = None
-        self._pings = set()
+        self.pings = Pings(self.fast)
         self.outbox.scheduled = False
         kept: list[bytes] = []
         if nc is not None and self.fast:
             seen: set[int] = set()
-            unconfirmed = [f for _, group, _ in self._confirming for batch in group for f in batch]
+            unconfirmed = [f for ping in self._confirming for batch in ping.batches for f in batch]
             unconfirmed += [f for batch in self._unconfirmed for f in batch]
-            pending = [f for f in nc._pending if isinstance(f, bytes) and f.startswith((b"PUB ", b"HPUB "))]
+            pending = _natsio.pending_publish_frames(nc)
             # What reached the kernel goes out on the old socket anyway; only when the
             # transport still held bytes can a written frame be missing (replay it then).
-            stuck = _natsio.buffered_bytes(nc) > nc._pending_data_size
+            stuck = _natsio.buffered_bytes(nc) > _natsio.pending_bytes(nc)
             for frame in (unconfirmed if self.replay and stuck else []) + pending:
                 if id(frame) not in seen:
                     seen.add(id(frame))
                     kept.append(frame)
             with contextlib.suppress(Exception):
                 _natsio.abort_transport(nc)
-        elif nc is not None:
-            unsent = int(getattr(nc, "_pending_data_size", 0))
-            if unsent:
-                self.stats.add("dropped_bytes", unsent)
-                self.logger.error(
-                    "cluster %s: %d bytes buffered by a client whose event loop ended were dropped",
-                    self.cluster,
-                    unsent,
-                )
         self._confirming.clear()
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         self._salvaged = kept + self._salvaged
         held = sum(map(len, self._salvaged))
         if self.in_flight > held:
-            self.outbox.release(self.in_flight - held)
+            lost = self.in_flight - held
+            self.in_flight = held
+            if not self.fast:
+                self._lose(lost, "a client whose event loop ended held unsent messages")
+            else:
+                self.outbox.release(lost)
         self.in_flight = held
 
     def pending_work(self) -> bool:
         """True when messages wait to be handed to a client."""
         return bool(len(self.outbox) or self._salvaged)
 
-    def usable(self, nc: Client | None) -> bool:
-        return nc is not None and nc is self.nc and not nc.is_closed and not nc.is_draining
-
     # -- moving messages -----------------------------------------------------------
-    def wake(self) -> None:
-        """Ask the loop to move queued messages into the client (any thread)."""
-        loop = self.loop
-        if loop is None or loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):
-            if threading.current_thread() is self.loop_thread:
-                loop.call_soon(self.on_wake)
-            else:
-                loop.call_soon_threadsafe(self.on_wake)
-
     def on_wake(self) -> None:
         """Move what fits into the client (on the loop)."""
-        nc = self.nc
-        if nc is None or not self.usable(nc):
+        nc = self._client()
+        if nc is None or nc.is_closed or nc.is_draining:
             self.outbox.scheduled = False
+            return
+        if not nc.is_connected:
+            self.outbox.scheduled = False  # reconnecting: on_reconnected resumes
+            self.reconcile(nc)
             return
         if not self.fast:
             if self._public is None or self._public.done():
                 self._public = asyncio.get_running_loop().create_task(self._pump_public(nc))
             return
-        if nc.is_connected:
-            # Keep nats-py's buffer and the transport's small: what does not fit waits in
-            # the outbox, budgeted, instead of being copied into ever larger socket writes.
-            room = self.high_water - _natsio.buffered_bytes(nc)
-            frames = self.outbox.take(room) if room > 0 else []
-            if frames:
-                nbytes = sum(map(len, frames))
-                _natsio.append_frames(nc, frames, nbytes)
-                self.in_flight += nbytes
-                self.stats.add("published", len(frames))
-                self.stats.add("bytes", nbytes)
-                if self.replay:
-                    self._unconfirmed.append(frames)
-                    self._unconfirmed_bytes += nbytes
-                    if self._unconfirmed_bytes >= self.high_water:
-                        self._request_confirmation(nc)  # don't let a fast sender wait for the tick
-                    if self._confirmer is None or self._confirmer.done():
-                        self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
-            if len(self.outbox) and (self._feeder is None or self._feeder.done()):
-                self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
-        else:
-            self.outbox.scheduled = False  # reconnecting: on_reconnected resumes
+        # Keep nats-py's buffer and the transport's small: what does not fit waits in
+        # the outbox, budgeted, instead of being copied into ever larger socket writes.
+        room = self.high_water - _natsio.buffered_bytes(nc)
+        frames = self.outbox.take(room) if room > 0 else []
+        if frames:
+            nbytes = sum(map(len, frames))
+            _natsio.append_frames(nc, frames, nbytes)
+            self.in_flight += nbytes
+            self.stats.add("published", len(frames))
+            self.stats.add("bytes", nbytes)
+            if self.replay:
+                self._unconfirmed.append(frames)
+                self._unconfirmed_bytes += nbytes
+                if self._unconfirmed_bytes >= self.high_water:
+                    self._request_confirmation(nc)  # don't let a fast sender wait for the tick
+                if self._confirmer is None or self._confirmer.done():
+                    self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
+        if len(self.outbox) and (self._feeder is None or self._feeder.done()):
+            self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
         self.reconcile(nc)
 
     async def _pump_public(self, nc: Client) -> None:
-        while len(self.outbox) and self.usable(nc):
-            batch = self.outbox.take()
-            for index, (subject, payload, headers, size) in enumerate(batch):
-                try:
-                    await nc.publish(subject, payload, headers=headers)
-                except asyncio.CancelledError:
-                    # The loop is shutting down under us: what was not handed over is lost.
-                    rest = batch[index + 1 :]
-                    if rest:
-                        self.stats.add("dropped", len(rest))
-                        self.stats.add("dropped_bytes", sum(len(item[1]) for item in rest))
-                        self.logger.error(
-                            "cluster %s: %d messages dropped: event loop stopped", self.cluster, len(rest)
-                        )
-                    raise
-                except Exception as exc:
-                    self.stats.add("dropped")
-                    self.stats.add("dropped_bytes", len(payload))
-                    error = map_nats_error(exc, self.cluster)
-                    self.logger.error("cluster %s: message to %s dropped: %s", self.cluster, subject, error)
-                else:
-                    self.stats.add("published")
-                    self.stats.add("bytes", len(payload))
-                self.outbox.release(size)
+        # Only while connected: during an outage messages wait in the outbox, within the
+        # budget, so that a full buffer is refused to the caller (BufferFullError) rather
+        # than dropped by nats-py's reconnect buffer after the caller saw success.
+        while len(self.outbox) and nc is self._client() and nc.is_connected:
+            item = self.outbox.take(1, _item_size)[0]
+            subject, payload, headers, size = item
+            try:
+                await nc.publish(subject, payload, headers=headers)
+            except asyncio.CancelledError:
+                self._late([item])  # the loop is shutting down under us
+                raise
+            except Exception as exc:
+                self.stats.add("dropped")
+                self.stats.add("dropped_bytes", len(payload))
+                error = map_nats_error(exc, self.cluster)
+                self.logger.error("cluster %s: message to %s dropped: %s", self.cluster, subject, error)
+            else:
+                self.stats.add("published")
+                self.stats.add("bytes", len(payload))
+            self.outbox.release(size)
 
     async def _feed(self, nc: Client) -> None:
         """Resume moving messages as the socket takes them (the transport's flow control
         wakes it; no polling)."""
         backlog = -1
-        while len(self.outbox) and nc is self.nc and nc.is_connected:
+        while len(self.outbox) and nc is self._client() and nc.is_connected:
             await asyncio.sleep(0)  # let nats-py's flusher write what it holds
             try:
                 await _natsio.wait_writable(nc)
@@ -235,33 +219,39 @@ class Pump:
     def reconcile(self, nc: Client) -> None:
         """Give back the budget of bytes that left the process (with replay: that the
         server confirmed); poll while producers wait for room."""
-        if not self.replay:
+        if self.fast and not self.replay:
             held = _natsio.buffered_bytes(nc)
             if held < self.in_flight:
                 self.outbox.release(self.in_flight - held)
                 self.in_flight = held
-        if self.outbox.waiters and self._poll_handle is None and self.loop is not None:
-            self._poll_handle = self.loop.call_later(_POLL_INTERVAL, self._poll)
+        if self.outbox.waiters and self._poll_handle is None:
+            self._poll_handle = asyncio.get_running_loop().call_later(_POLL_INTERVAL, self._poll)
 
     def _poll(self) -> None:
         self._poll_handle = None
         self.on_wake()
 
-    async def pump_all(self, nc: Client, deadline: float) -> None:
-        """Hand everything queued so far to the client, by *deadline* (loop time)."""
+    async def pump_to(self, mark: int, deadline: float) -> bool:
+        """Hand the client everything queued before *mark* (see ``Outbox.mark``), while
+        connected, by *deadline* (loop time); True once done."""
         loop = asyncio.get_running_loop()
-        while nc.is_connected and loop.time() < deadline:
+        while self.outbox.taken < mark:
+            nc = self._client()
+            if nc is None or not nc.is_connected or loop.time() >= deadline:
+                return False
             self.on_wake()
-            if self._public is not None and not self._public.done():
-                await bounded(asyncio.shield(self._public), deadline - loop.time())
-            if not len(self.outbox):
-                return
+            if self.outbox.taken >= mark:
+                break
             await asyncio.sleep(_POLL_INTERVAL)
+        if not self.fast:  # the public path hands over one message at a time, in a task
+            while self._public is not None and not self._public.done() and loop.time() < deadline:
+                await asyncio.wait({self._public}, timeout=max(0.0, deadline - loop.time()))
+        return True
 
     # -- confirmation and replay ---------------------------------------------------
     async def _confirm(self, nc: Client) -> None:
         """Every few milliseconds, confirm what was handed over since the last time."""
-        while nc is self.nc and not nc.is_closed and (self._unconfirmed or self._confirming):
+        while nc is self._client() and not nc.is_closed and (self._unconfirmed or self._confirming):
             await asyncio.sleep(_CONFIRM_INTERVAL)
             self._request_confirmation(nc)
 
@@ -270,43 +260,58 @@ class Pump:
         if self._unconfirmed and nc.is_connected and len(self._confirming) < _MAX_CONFIRMING:
             self._confirming_ping(nc)
 
-    def _confirming_ping(self, nc: Client) -> asyncio.Task[None]:
+    def _confirming_ping(self, nc: Client) -> Ping | None:
         """Send a PING after the batches handed over so far; its PONG confirms them."""
-        _natsio.write_pending_now(nc)  # the PING must follow the batches it confirms
-        batches, nbytes = self._unconfirmed, self._unconfirmed_bytes
+        ping = self.pings.send(nc)
+        if ping is None:
+            return None
+        ping.batches, ping.nbytes = self._unconfirmed, self._unconfirmed_bytes
         self._unconfirmed, self._unconfirmed_bytes = [], 0
-        ping = self._start_ping(nc, asyncio.get_running_loop())
-        self._confirming.append((ping, batches, nbytes))
-        ping.add_done_callback(self._on_pong)
+        self._confirming.append(ping)
+        ping.outcome.add_done_callback(lambda _: self._on_pong(ping))
         return ping
 
-    def _on_pong(self, ping: asyncio.Task[None]) -> None:
-        if ping.cancelled() or ping.exception() is not None:
-            return  # the connection went: on_disconnected replays
+    def _on_pong(self, ping: Ping) -> None:
+        if ping not in self._confirming:
+            return  # already replayed by on_disconnected
+        if not ping.answered:
+            # Lost with its connection: its batches wait for the next confirmation (or
+            # replay); the entry goes, so that lost pings cannot block confirmation.
+            self._confirming.remove(ping)
+            self._unconfirmed.insert(0, [f for batch in ping.batches for f in batch])
+            self._unconfirmed_bytes += ping.nbytes
+            return
         released = 0
         while self._confirming:
-            head, _, nbytes = self._confirming.popleft()
-            released += nbytes
+            head = self._confirming.popleft()
+            released += head.nbytes
             if head is ping:
                 break
         self.in_flight -= released
         self.outbox.release(released)
-        nc = self.nc
+        nc = self._client()
         if nc is not None and self._unconfirmed_bytes >= self.high_water:
             self._request_confirmation(nc)
 
     def on_disconnected(self, nc: Client) -> None:
         """The connection dropped: put what the server never confirmed back in front."""
-        if not self.replay or nc is not self.nc:
+        confirming, self._confirming = list(self._confirming), deque()
+        self.pings.connection_lost()
+        if not self.fast:
             return
-        batches = [batch for _, group, _ in self._confirming for batch in group] + self._unconfirmed
-        for ping, _, _ in self._confirming:
-            ping.cancel()  # its PONG future belonged to the lost connection
-        self._confirming.clear()
+        if not self.replay:
+            # What the transport still held is gone with the connection (nats-py keeps
+            # only its own pending buffer for after the reconnection).
+            lost = self.in_flight - _natsio.pending_bytes(nc)
+            if lost > 0:
+                self.in_flight -= lost
+                self._lose(lost, "the connection dropped before they were written")
+            return
+        batches = [batch for ping in confirming for batch in ping.batches] + self._unconfirmed
         frames = [frame for batch in batches for frame in batch]
         self._unconfirmed = [frames] if frames else []
         self._unconfirmed_bytes = sum(map(len, frames))
-        pending = {id(item) for item in nc._pending}
+        pending = _natsio.pending_ids(nc)
         resend = [frame for frame in frames if id(frame) not in pending]
         if resend:
             _natsio.prepend_frames(nc, resend, sum(map(len, resend)))
@@ -318,51 +323,64 @@ class Pump:
             )
 
     def on_reconnected(self, nc: Client) -> None:
-        self.cancel_pings()  # nats-py dropped their PONG futures when it reconnected
+        self.pings.reconnected(nc)
         self.on_wake()  # send what waited during the outage
+        if self.replay and self._unconfirmed and (self._confirmer is None or self._confirmer.done()):
+            self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
 
     def lose_in_flight(self, why: str) -> None:
         """The client dropped its buffer: count and log the loss."""
         lost, self.in_flight = self.in_flight, 0
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         self._confirming.clear()
-        self.outbox.release(lost)
-        if lost:
-            self.stats.add("dropped_bytes", lost)
-            self.logger.error("cluster %s: %s; %d buffered bytes were dropped", self.cluster, why, lost)
+        self.pings.connection_lost()
+        self._lose(lost, why)
+
+    def _lose(self, nbytes: int, why: str) -> None:
+        """Bytes no longer counted in flight are gone: give their budget back, count
+        and log them."""
+        self.outbox.release(nbytes)
+        if nbytes:
+            self.stats.add("dropped_bytes", nbytes)
+            self.logger.error("cluster %s: %s; %d buffered bytes were dropped", self.cluster, why, nbytes)
+
+    def _late(self, items: list[Any]) -> None:
+        self.report_dropped(items, "accepted while closing, or cut off by a stopping event loop")
+
+    def report_dropped(self, items: list[Any], why: str) -> None:
+        """Messages that will never reach a client: count and log them."""
+        self.stats.add("dropped", len(items))
+        self.stats.add("dropped_bytes", sum(map(_item_size, items)))
+        self.logger.error("cluster %s: %d messages dropped: %s", self.cluster, len(items), why)
+
+    def unconfirmed_at_close(self, nc: Client) -> None:
+        """Closing without a drain: count what the server may not have received."""
+        if self.replay:
+            frames = [f for ping in self._confirming for batch in ping.batches for f in batch]
+            frames += [f for batch in self._unconfirmed for f in batch]
+            self._confirming.clear()
+            self._unconfirmed, self._unconfirmed_bytes = [], 0
+            if frames:
+                self.report_dropped(frames, "the server did not confirm them before the connection was closed")
+            return
+        unsent = _natsio.buffered_bytes(nc)
+        if unsent:
+            self.stats.add("dropped_bytes", unsent)
+            self.logger.error("cluster %s: close could not deliver %d buffered bytes", self.cluster, unsent)
 
     # -- pings ---------------------------------------------------------------------
-    def _start_ping(self, nc: Client, loop: asyncio.AbstractEventLoop) -> asyncio.Task[None]:
-        ping = loop.create_task(nc.flush(timeout=_PING_PATIENCE))  # type: ignore[arg-type]
-        self._pings.add(ping)
-        ping.add_done_callback(self._pings.discard)
-        return ping
-
-    async def ping(self, nc: Client, timeout: float) -> bool:
-        """One PING/PONG round trip; False when no PONG came within *timeout* s.
-
-        A late PING is left running rather than cancelled: nats-py 2.16 keeps a cancelled
-        PONG future in its queue, and the PONG that finally arrives then kills its read loop
-        (InvalidStateError). Orphaned pings are cancelled on reconnect and on close.
-        """
-        if self.replay and self._unconfirmed and nc.is_connected:
-            ping = self._confirming_ping(nc)  # this round trip confirms the batches too
-        else:
-            ping = self._start_ping(nc, asyncio.get_running_loop())
-        done, _ = await asyncio.wait({ping}, timeout=max(0.0, timeout))
-        if not done:
+    async def ping(self, nc: Client, timeout: float) -> bool | None:
+        """One PING/PONG round trip after what was handed over so far: True when
+        answered, False when its connection was lost, None after *timeout* s."""
+        ping = self._confirming_ping(nc) if self.replay and self._unconfirmed else None
+        if ping is None:
+            ping = self.pings.send(nc)
+        if ping is None:
             return False
-        try:
-            ping.result()
-        except nats.errors.Error as exc:
-            if isinstance(exc, nats.errors.FlushTimeoutError | nats.errors.ConnectionClosedError):
-                return False
-            raise map_nats_error(exc, self.cluster) from exc
-        return True
-
-    def cancel_pings(self) -> None:
-        for ping in list(self._pings):
-            ping.cancel()
+        done, _ = await asyncio.wait({ping.outcome}, timeout=max(0.0, timeout))
+        if not done:
+            return None
+        return ping.answered
 
     def shutdown(self) -> list[Any]:
         """Stop the background work; return the messages never handed to the client."""
@@ -371,10 +389,14 @@ class Pump:
         for task in (self._feeder, self._confirmer):
             if task is not None:
                 task.cancel()
-        self.cancel_pings()
+        self.pings.close()
         self.in_flight = 0
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         self._confirming.clear()
-        left: list[Any] = self._salvaged + self.outbox.take()
+        left: list[Any] = self._salvaged + self.outbox.seal()
         self._salvaged = []
         return left
+
+
+def _item_size(item: Any) -> int:
+    return len(item) if isinstance(item, bytes) else int(item[3])

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Mapping, Sequence
+from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import Any
 
 from ._cluster import NatsCluster
-from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
 from ._jetstream import PubAck
 from ._loop import SharedLoop
 from ._ring import HashRing
@@ -21,6 +24,7 @@ from ._wire import check_timeout
 __all__ = ("ClusterRouter", "SyncClusterRouter", "clusters_from_env")
 
 ENV_PREFIX = "NATS_CLUSTER_"
+_CLOSE_MARGIN = 2.0
 ENV_REPLICAS = "HASH_RING_REPLICAS"
 
 
@@ -174,11 +178,13 @@ class SyncClusterRouter:
         self.ring = HashRing(parsed, replicas)
         self._timeout = check_timeout(timeout)
         self._loop = SharedLoop("openfactory-nats-router")
-        self._closed = False
+        self._close_lock = threading.Lock()
         self._clusters = {
             name: SyncNatsCluster(name, urls, logger, timeout=timeout, _shared_loop=self._loop, **options)
             for name, urls in parsed.items()
         }
+        finalizers = [cluster._finalizer for cluster in self._clusters.values()]
+        self._finalizer = weakref.finalize(self, _shutdown_router, finalizers, self._loop, os.getpid())
 
     @classmethod
     def from_env(
@@ -224,10 +230,13 @@ class SyncClusterRouter:
         return None
 
     def _all(self, action: str, make: Any, timeout: float) -> None:
-        for cluster in self._clusters.values():
-            cluster._enter()
         runner = self._loop.current()
-        future = runner.submit(_each({n: make(c.cluster) for n, c in self._clusters.items()}))
+        if runner.in_loop_thread():
+            raise WrongThreadError("This method cannot be called from the event loop thread")
+        cores = {name: cluster.cluster for name, cluster in self._clusters.items()}
+        for core in cores.values():
+            core.check_open()
+        future = runner.submit(_each({n: make(core) for n, core in cores.items()}))
         try:
             results = future.result(timeout)
         except TimeoutError:
@@ -248,29 +257,37 @@ class SyncClusterRouter:
         self._all("flush", lambda core: core.flush(wait), wait + 1.0)
 
     def close(self, timeout: float | None = None) -> None:
-        """Close every cluster at once, then stop the shared loop thread. Idempotent."""
+        """Close every cluster at once, then stop the shared loop thread.
+
+        Idempotent and safe from many threads at once: a call made while another one
+        closes waits for it to finish.
+
+        :raises WrongThreadError: on the event-loop thread.
+        """
         wait = self._wait(timeout)
-        if self._closed:
-            return
-        self._closed = True
+        runner = self._loop.current()
+        if runner.in_loop_thread():
+            raise WrongThreadError("This method cannot be called from the event loop thread")
         deadline = time.monotonic() + wait
-        if not self._loop.forked:
-            # Drain all clusters at once: a stalled one must not eat the others' time.
-            future = self._loop.current().submit(_each({n: c.cluster.close() for n, c in self._clusters.items()}))
-            try:
-                future.result(wait)
-            except TimeoutError:
-                future.cancel()
-        errors: list[NatsClusterError] = []
-        for cluster in self._clusters.values():
-            try:
-                cluster.close(max(1.0, deadline - time.monotonic()))
-            except NatsClusterError as exc:
-                errors.append(exc)
-        if not self._loop.forked:
-            self._loop.current().stop(max(1.0, deadline - time.monotonic()))
-        if errors:
-            raise errors[0]
+        if not self._close_lock.acquire(timeout=wait + 2 * _CLOSE_MARGIN):
+            raise ClusterTimeoutError(f"another close() of the router did not finish within {wait:g} s")
+        try:
+            cores = {name: cluster.cluster for name, cluster in self._clusters.items()}
+            for core in cores.values():
+                core.begin_close()  # refuse new messages everywhere at once
+            if runner.thread.is_alive():
+                # Drain all clusters at once: a stalled one must not eat the others' time.
+                future = runner.submit(_each({n: core.close(wait) for n, core in cores.items()}))
+                try:
+                    future.result(wait + _CLOSE_MARGIN)
+                except (TimeoutError, CancelledError):
+                    future.cancel()
+            for cluster in self._clusters.values():
+                cluster.close(max(0.0, deadline - time.monotonic()))
+            runner.stop(max(1.0, deadline - time.monotonic()))
+            self._finalizer.detach()
+        finally:
+            self._close_lock.release()
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Each cluster's counters, by name."""
@@ -278,3 +295,14 @@ class SyncClusterRouter:
 
     def _wait(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else check_timeout(timeout)
+
+
+def _shutdown_router(finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, pid: int) -> None:
+    """A router collected, or open at exit, without close(): close its clusters, then
+    stop the loop thread they share."""
+    if os.getpid() != pid:
+        return
+    for finalizer in finalizers:
+        finalizer()
+    if not loop.forked:
+        loop.runner.stop(1.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+from ._forksafe import renew_after_fork
+
 __all__ = ("COUNTERS", "Stats")
 
 COUNTERS = (
@@ -26,6 +28,10 @@ class Stats:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values = dict.fromkeys(COUNTERS, 0)
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def add(self, key: str, amount: int = 1) -> None:
         with self._lock:

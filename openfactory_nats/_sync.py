@@ -1,8 +1,16 @@
-"""A thread-safe, blocking facade over :class:`NatsCluster`."""
+"""A thread-safe, blocking facade over :class:`NatsCluster`.
+
+The facade keeps no life-cycle state of its own: it asks the core. What it does own is
+the loop thread the core runs on and, in a forked child, the knowledge that both still
+belong to the parent (``_forked``) until the child first uses the instance.
+
+An instance that is garbage-collected, or still open at interpreter exit, closes
+itself through a ``weakref.finalize`` hook: it drains what it holds (bounded), counts and
+logs at ERROR what it could not deliver, and stops its loop thread.
+"""
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
 import logging
 import os
@@ -14,18 +22,17 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 from ._cluster import NatsCluster
-from ._errors import ClusterClosedError, ClusterTimeoutError, WrongThreadError
+from ._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
 from ._jetstream import PubAck, check_msg_id
+from ._lifecycle import ClusterState
 from ._loop import INHERITED, LoopThread, SharedLoop
-from ._state import ClusterState
-from ._wire import build_frame, check_timeout, frame_size, payload_bytes
+from ._wire import check_timeout
 
 __all__ = ("SyncNatsCluster",)
 
 T = TypeVar("T")
-_log = logging.getLogger("openfactory_nats")
 _AT_EXIT_TIMEOUT = 5.0
-_LARGE = 64 * 1024
+_CLOSE_MARGIN = 2.0  # beyond the caller's timeout: the core's abort after a late drain
 _instances: weakref.WeakSet[SyncNatsCluster] = weakref.WeakSet()
 
 
@@ -57,13 +64,26 @@ class SyncNatsCluster:
         self._options = dict(options)
         self._core = NatsCluster(*self._args, **self._options)
         self._shared_loop = _shared_loop
-        self._runner = self._new_runner()
-        self._loop_ident = self._runner.thread.ident
-        self._closed = False
         self._forked = False
-        self._close_lock = threading.Lock()
         self._fork_lock = threading.Lock()
+        self._start()
         _instances.add(self)
+
+    def _start(self) -> None:
+        """Run the core on a loop thread of this process, closed when the instance is
+        collected or the interpreter exits."""
+        self._runner = (
+            self._shared_loop.current()
+            if self._shared_loop is not None
+            else LoopThread(f"openfactory-nats-{self._args[0]}")
+        )
+        self._loop_ident = self._runner.thread.ident
+        owns = self._shared_loop is None
+        wait = min(self._timeout, _AT_EXIT_TIMEOUT)
+        self._close_lock = threading.Lock()  # concurrent closes wait for the first one
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._core, self._runner, owns, wait, os.getpid(), self._close_lock
+        )
 
     def __repr__(self) -> str:
         return f"<SyncNatsCluster {self._core!r}>"
@@ -84,7 +104,9 @@ class SyncNatsCluster:
 
     @property
     def cluster(self) -> NatsCluster:
-        """The asyncio core (use it only on :attr:`loop`)."""
+        """The asyncio core of this process (use it only on :attr:`loop`)."""
+        if self._forked:
+            self._renew_after_fork()
         return self._core
 
     @property
@@ -95,11 +117,7 @@ class SyncNatsCluster:
     @property
     def state(self) -> ClusterState:
         """The current :class:`ClusterState`."""
-        if self._closed:
-            return ClusterState.CLOSED
-        if self._forked:
-            return ClusterState.NEW
-        return self._core.state
+        return ClusterState.NEW if self._forked else self._core.state
 
     @property
     def is_connected(self) -> bool:
@@ -118,8 +136,8 @@ class SyncNatsCluster:
         :raises ConnectTimeoutError: when *timeout* ran out first.
         """
         wait = self._wait(timeout)
-        self._enter()
-        self._call(self._core.connect(), wait, connecting=True)
+        core = self._enter()
+        self._call(core.connect(), wait, connecting=True)
 
     @overload
     def publish(
@@ -177,104 +195,87 @@ class SyncNatsCluster:
         """
         if ack:
             return self._publish_acked(subject, payload, timeout, headers, msg_id)
-        core = self._core
-        if core.ready and not self._forked and threading.get_ident() != self._loop_ident:
-            wait = self._timeout if timeout is None else check_timeout(timeout)
-            if core._fast:
-                if type(payload) is not bytes:
-                    payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
-                if len(payload) > _LARGE:
-                    # Make room before copying a large payload into a frame, so that no
-                    # copy waits outside the budget: the cap is on memory.
-                    core.reserve(frame_size(subject, payload, headers, core._max_payload), wait)
-                frame = build_frame(subject, payload, headers, core._max_payload)
-                core.enqueue(frame, len(frame), wait)
-            else:
-                item, size = core.prepare(subject, payload, headers, core._max_payload)
-                core.enqueue(item, size, wait)
-            return None
-        self._publish_slow(subject, payload, timeout, headers)
+        if self._forked:
+            self._renew_after_fork()
+        if threading.get_ident() == self._loop_ident:
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        wait = self._timeout if timeout is None else check_timeout(timeout)
+        if not self._core.offer(subject, payload, headers, wait):
+            self._publish_slow(subject, payload, wait, headers)
         return None
 
     def _publish_acked(
         self, subject: str, payload: bytes, timeout: float | None, headers: Mapping[str, str] | None, msg_id: str | None
     ) -> PubAck:
         wait = self._wait(timeout)
-        self._enter()
-        core = self._core
-        core.prepare(subject, payload, headers, core.max_payload if core.state is not ClusterState.NEW else 1 << 26)
+        core = self._enter()
+        core.prepare(subject, payload, headers)  # bad input raises here, in the caller
         if msg_id is not None:
             check_msg_id(msg_id)
         coro = core.publish(subject, payload, headers=headers, timeout=wait, ack=True, msg_id=msg_id)
         return self._call(coro, wait + 1.0)
 
-    def _publish_slow(self, subject: object, payload: object, timeout: float | None, headers: object) -> None:
-        wait = self._wait(timeout)
-        self._enter()
-        core = self._core
+    def _publish_slow(self, subject: object, payload: object, wait: float, headers: object) -> None:
+        """No client is open yet: validate, connect, then queue, all within *wait*."""
+        core = self._enter()
         deadline = time.monotonic() + wait
-        limit = core.max_payload if core.state is not ClusterState.NEW else 64 * 1024 * 1024
-        core.prepare(subject, payload, headers, limit)  # refuse bad input before connecting
-        if not core.ready:
-            self._call(core.connect(), wait, connecting=True)
-        item, size = core.prepare(subject, payload, headers, core.max_payload)
-        core.enqueue(item, size, max(0.0, deadline - time.monotonic()))
+        core.prepare(subject, payload, headers)  # refuse bad input before connecting
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            self._call(core.connect(), remaining, connecting=True)
+            if core.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
+                return
 
     def flush(self, timeout: float | None = None) -> None:
-        """Block until everything queued so far has reached the server (PING/PONG).
+        """Block until everything queued before this call has reached the server
+        (PING/PONG).
 
         :raises ClusterTimeoutError: when that did not happen within *timeout* s.
+        :raises ClusterUnavailableError: when the client gave up reconnecting meanwhile.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         """
         wait = self._wait(timeout)
-        self._enter()
+        core = self._enter()
         # The core keeps the deadline itself; the margin lets its clearer error through.
-        self._call(self._core.flush(wait), wait + 1.0)
+        self._call(core.flush(wait), wait + 1.0)
 
     def close(self, timeout: float | None = None) -> None:
-        """Drain (bounded), close, stop the loop and join its thread.
+        """Drain (within *timeout* and ``drain_timeout``), close, stop the loop and join
+        its thread. What could not be delivered in time is counted as dropped and logged.
 
-        Idempotent and safe from many threads at once; every other call raises
-        :class:`ClusterClosedError` afterwards.
+        Idempotent and safe from many threads at once (each call returns once the
+        instance is closed); every other call raises :class:`ClusterClosedError`
+        afterwards.
+
+        :raises WrongThreadError: on the event-loop thread.
         """
         wait = self._wait(timeout)
         if self._runner.in_loop_thread():
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
-        deadline = time.monotonic() + wait
-        if not self._close_lock.acquire(timeout=wait + 2 * self._core.drain_timeout + 5):
-            raise ClusterTimeoutError(f"cluster {self.name!r}: another close() did not finish", cluster=self.name)
-        try:
-            if self._closed:
-                return
-            self._closed = True
-            _instances.discard(self)
-            if self._forked:
-                return  # what the child inherited belongs to the parent
-            future = self._runner.submit(self._core.close())
-            try:
-                future.result(wait)
-            except concurrent.futures.TimeoutError:
-                future.cancel()
-                self._core.logger.warning("cluster %s: close did not finish within %g s", self.name, wait)
-            finally:
-                if self._shared_loop is None:
-                    self._runner.stop(max(1.0, deadline - time.monotonic()))
-        finally:
-            self._close_lock.release()
+        if self._forked:
+            self._renew_after_fork()
+        _instances.discard(self)
+        _shutdown(self._core, self._runner, self._shared_loop is None, wait, os.getpid(), self._close_lock)
 
     # -- helpers -------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else check_timeout(timeout)
 
-    def _enter(self) -> None:
+    def _enter(self) -> NatsCluster:
+        """The core of this process, for a blocking call from a thread that may block."""
         if self._forked:
             self._renew_after_fork()
-        if self._closed:
-            raise ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
         if self._runner.in_loop_thread():
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        self._core.check_open()
+        return self._core
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float, *, connecting: bool = False) -> T:
-        future = self._runner.submit(coro)
+        try:
+            future = self._runner.submit(coro)
+        except RuntimeError:  # the loop is gone: the instance is closing
+            coro.close()
+            raise self._gone() from None
         try:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
@@ -286,35 +287,74 @@ class SyncNatsCluster:
             raise ClusterTimeoutError(
                 f"cluster {self.name!r}: no answer within {timeout:g} s", cluster=self.name
             ) from None
+        except concurrent.futures.CancelledError:
+            raise self._gone() from None  # the loop stopped under the call
 
-    def _new_runner(self) -> LoopThread:
-        if self._shared_loop is not None:
-            return self._shared_loop.current()
-        return LoopThread(f"openfactory-nats-{self._args[0]}")
+    def _gone(self) -> ClusterUnavailableError:
+        if self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
+            return ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
+        return ClusterUnavailableError(f"cluster {self.name!r}: its event loop stopped", cluster=self.name)
 
     def _after_fork_in_child(self) -> None:
         self._forked = True
-        self._close_lock = threading.Lock()
         self._fork_lock = threading.Lock()
 
     def _renew_after_fork(self) -> None:
         with self._fork_lock:
             if not self._forked:
                 return
+            self._finalizer.detach()  # what the child inherited belongs to the parent
             INHERITED.append((self._runner, self._core))
-            if not self._closed:
-                self._core = NatsCluster(*self._args, **self._options)
-                self._runner = self._new_runner()
-                self._loop_ident = self._runner.thread.ident
+            closed = self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED)
+            self._core = NatsCluster(*self._args, **self._options)
+            if closed:
+                self._core.begin_close()
+            self._start()
             self._forked = False
 
-    def _close_at_exit(self) -> None:
-        if self._closed or self._forked:
-            return
+
+def _shutdown(
+    core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, pid: int, lock: threading.Lock
+) -> None:
+    """Close *core* within *wait* s (plus a margin for the abort of a late drain) and
+    stop its loop if the instance owns it. Called by ``close()``, and by the finalizer
+    when the instance is collected or the interpreter exits; never blocks the loop."""
+    if os.getpid() != pid:
+        return  # inherited through fork: it belongs to the parent
+    core.begin_close()  # refuse new messages from now on, in every thread
+    loop = runner.loop
+    if runner.in_loop_thread():  # collected on the loop thread itself: don't wait there
+        task = loop.create_task(core.close(wait))
+        if owns_loop:
+            task.add_done_callback(lambda _: loop.stop())
+        return
+    deadline = time.monotonic() + wait + _CLOSE_MARGIN
+    if not lock.acquire(timeout=wait + 2 * _CLOSE_MARGIN):
+        core.logger.warning("cluster %s: another close() did not finish within %g s", core.name, wait)
+        return
+    try:
+        _close_and_stop(core, runner, owns_loop, wait, deadline)
+    finally:
+        lock.release()
+
+
+def _close_and_stop(core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, deadline: float) -> None:
+    if runner.thread.is_alive():
+        coro = core.close(wait)
         try:
-            self.close(timeout=min(self._timeout, _AT_EXIT_TIMEOUT))
-        except Exception:
-            _log.exception("closing cluster %s at exit failed", self.name)
+            future = runner.submit(coro)
+        except RuntimeError:
+            coro.close()
+        else:
+            try:
+                future.result(max(0.0, deadline - time.monotonic()))
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                future.cancel()
+                core.logger.warning("cluster %s: close did not finish within %g s", core.name, wait)
+            except Exception:
+                core.logger.exception("cluster %s: close failed", core.name)
+    if owns_loop:
+        runner.stop(max(1.0, deadline - time.monotonic()))
 
 
 def _after_fork_in_child() -> None:
@@ -322,10 +362,4 @@ def _after_fork_in_child() -> None:
         instance._after_fork_in_child()
 
 
-def _close_all_at_exit() -> None:
-    for instance in list(_instances):
-        instance._close_at_exit()
-
-
 os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(_close_all_at_exit)

@@ -117,8 +117,10 @@ class TcpProxy:
     """A loopback TCP proxy in front of a server; :meth:`cut` partitions the link while
     the server stays up, :meth:`restore` heals it."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, delay: float = 0.0) -> None:
         self.target_port = target_port
+        #: Seconds each chunk is held before it is passed on (a slow link).
+        self.delay = delay
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
@@ -159,6 +161,8 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if self.delay:
+                    time.sleep(self.delay)
                 if not self._blackhole:
                     dst.sendall(data)
         except OSError:
