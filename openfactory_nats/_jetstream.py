@@ -11,7 +11,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, PublishError
+from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, PublishError, map_nats_error
 from ._redact import redact
 
 __all__ = ("PubAck", "new_msg_id", "publish_acked")
@@ -104,5 +104,7 @@ async def publish_acked(
                 raise PublishError(
                     f"cluster {cluster!r}: the stream refused {subject!r}: {exc}", cluster=cluster
                 ) from exc
+            except nats.errors.Error as exc:  # refused for good (draining, size, ...)
+                raise map_nats_error(exc, cluster) from exc
         await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
         delay = min(delay * 2, 0.5)

@@ -11,13 +11,23 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ("INHERITED", "LoopThread", "SharedLoop")
+__all__ = ("INHERITED", "LoopThread", "SharedLoop", "keep_inherited")
 
 T = TypeVar("T")
 # What a forked child inherited from its parent: kept alive and untouched, because
 # closing an inherited event loop would deregister the parent's sockets from the epoll
 # instance that parent and child share.
-INHERITED: list[object] = []
+INHERITED: dict[int, object] = {}
+
+
+def keep_inherited(runner: LoopThread, *others: object) -> None:
+    """Keep what a forked child inherited alive, untouched, once: a loop that had
+    already stopped in the parent holds no registrations and needs no keeping."""
+    if runner.loop.is_closed():
+        return
+    INHERITED.setdefault(id(runner), (runner, *others))
+
+
 _STARTUP_TIMEOUT = 10.0
 _SHUTDOWN_GRACE = 1.0
 
@@ -102,7 +112,7 @@ class SharedLoop:
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
-                    INHERITED.append(self.runner)
+                    keep_inherited(self.runner)
                     self.runner = LoopThread(self.name)
                     self._pid = os.getpid()
         return self.runner

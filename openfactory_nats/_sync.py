@@ -25,7 +25,7 @@ from ._cluster import NatsCluster
 from ._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
 from ._jetstream import PubAck, check_msg_id
 from ._lifecycle import ClusterState
-from ._loop import INHERITED, LoopThread, SharedLoop
+from ._loop import LoopThread, SharedLoop, keep_inherited
 from ._wire import check_timeout
 
 __all__ = ("SyncNatsCluster",)
@@ -304,7 +304,7 @@ class SyncNatsCluster:
             if not self._forked:
                 return
             self._finalizer.detach()  # what the child inherited belongs to the parent
-            INHERITED.append((self._runner, self._core))
+            keep_inherited(self._runner, self._core)
             closed = self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED)
             self._core = NatsCluster(*self._args, **self._options)
             if closed:

@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Self
 
 import nats
@@ -79,7 +80,21 @@ class NatsServer(EmbeddedServer):
         return self
 
     def pause(self) -> None:
+        """SIGSTOP, and wait until the kernel reports the process stopped: the signal is
+        asynchronous, and a server still running for a moment would answer a PING."""
         self.send_signal(signal.SIGSTOP)
+        if self.proc is None:
+            return
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+            except OSError:
+                return
+            if stat.rsplit(")", 1)[1].split()[0] == "T":
+                return
+            time.sleep(0.001)
+        raise RuntimeError(f"nats-server {self.name} did not stop within 5 s of SIGSTOP")
 
     def resume(self) -> None:
         self.send_signal(signal.SIGCONT)
