@@ -42,6 +42,7 @@ _UNKNOWN_MAX_PAYLOAD = 64 * 1024 * 1024  # before the first connection: the prot
 _RESERVED = ("servers", "allow_reconnect", "max_reconnect_attempts", "pending_size")
 _LARGE = 64 * 1024  # payloads above this reserve their room before being copied
 _POLL = 0.01
+_OPEN = Phase.OPEN
 _warned_public_api = False
 
 Item = Any  # a frame (fast path) or a (subject, payload, headers, size) tuple (public-API path)
@@ -199,7 +200,7 @@ class NatsCluster:
             raise WrongThreadError(f"cluster {self.name!r} is bound to another running event loop", cluster=self.name)
         if previous is not None:
             nc, self.nc, self._js = self.nc, None, None
-            self._life.lost()
+            self._life.loop_ended()
             self._pump.salvage(nc)
             self._lock = asyncio.Lock()
             self._close_task = None
@@ -331,30 +332,27 @@ class NatsCluster:
         :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
         :raises ClusterClosedError: once closing has started.
         """
+        if self._life.phase is not _OPEN:
+            self._life.check_open()
+            return False
+        outbox = self._pump.outbox
         try:
-            return self._offer(subject, payload, headers, timeout)
+            if self._fast:
+                if type(payload) is not bytes:
+                    payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
+                if len(payload) > _LARGE:
+                    # Make room before copying a large payload into a frame, so that no copy
+                    # waits outside the budget: the cap is on memory.
+                    outbox.reserve(frame_size(subject, payload, headers, self._max_payload), timeout)
+                frame = build_frame(subject, payload, headers, self._max_payload)
+                outbox.put(frame, len(frame), timeout)
+            else:
+                frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
+                copied = dict(headers) if isinstance(headers, Mapping) else None
+                outbox.put((subject, payload_bytes(payload), copied, len(frame)), len(frame), timeout)
         except BufferFullError:
             self._stats.add("refused")
             raise
-
-    def _offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool:
-        if self._life.phase is not Phase.OPEN:
-            self._life.check_open()
-            return False
-        if self._fast:
-            if type(payload) is not bytes:
-                payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
-            if len(payload) > _LARGE:
-                # Make room before copying a large payload into a frame, so that no copy
-                # waits outside the budget: the cap is on memory.
-                self._pump.outbox.reserve(frame_size(subject, payload, headers, self._max_payload), timeout)
-            frame = build_frame(subject, payload, headers, self._max_payload)
-            self._pump.outbox.put(frame, len(frame), timeout)
-        else:
-            frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
-            copied = dict(headers) if isinstance(headers, Mapping) else None
-            item = (subject, payload_bytes(payload), copied, len(frame))
-            self._pump.outbox.put(item, len(frame), timeout)
         return True
 
     @overload
@@ -413,21 +411,20 @@ class NatsCluster:
         """
         self._life.check_open()
         wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
-        self.prepare(subject, payload, headers)
         if ack:
+            self.prepare(subject, payload, headers)
             return await self._publish_acked(subject, payload, headers, msg_id, wait)
         self._adopt_loop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        size = self.prepare(subject, payload, headers)
         while True:
-            try:
-                if self._offer(subject, payload, headers, 0.0):
-                    return None
+            if not self._life.accepting:
                 await self._connect(self.connect_timeout)
-            except BufferFullError:
-                if loop.time() >= deadline:
-                    self._stats.add("refused")
-                    raise
+            elif loop.time() >= deadline or self._pump.outbox.try_reserve(size):
+                if self.offer(subject, payload, headers, 0.0):  # refused (and counted) when still full
+                    return None
+            else:
                 self._pump.on_wake()
                 await asyncio.sleep(0.002)
 

@@ -18,7 +18,8 @@ the router) asks this object and never keeps a flag of its own:
     from the client, never copied, and shows as ``CONNECTED`` or ``RECONNECTING`` in the
     public :class:`ClusterState`. Messages are accepted in both.
 ``DISCONNECTED``
-    The client gave up for good (nats-py closed it, or the event loop it ran on ended);
+    The client gave up for good (nats-py closed it, or the event loop it ran on ended,
+    which also ends an attempt in progress);
     what it held was counted as dropped or kept for the next client. The next call
     connects again, through ``CONNECTING``.
 ``CLOSING``
@@ -170,6 +171,13 @@ class Lifecycle:
         with self._lock:
             if self.phase is Phase.CONNECTING:
                 self._move(fallback)
+
+    def loop_ended(self) -> None:
+        """The event loop the client ran on has ended (``asyncio.run`` per call): an
+        attached client or an attempt in progress is gone; the next call connects."""
+        with self._lock:
+            if self.phase is Phase.OPEN or self.phase is Phase.CONNECTING:
+                self._move(Phase.DISCONNECTED if self._ever_open else Phase.NEW)
 
     def lost(self) -> bool:
         """The attached client is gone for good; True if this changed the phase."""

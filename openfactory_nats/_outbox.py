@@ -103,10 +103,9 @@ class Outbox(Generic[T]):
         """Queue *item* of *size* bytes, waiting up to *timeout* seconds for room.
 
         :raises BufferFullError: when there is still no room after *timeout* seconds.
-        :raises ClusterClosedError: once :meth:`shut` was called (also while waiting).
+        :raises ClusterClosedError: once :meth:`shut` was called and the consumer took
+            its last items (or while waiting for room).
         """
-        if self._shut:
-            raise self._closed_error()
         lease = self._lease()
         if lease.left < size:
             self._renew(lease, size, timeout)
@@ -172,6 +171,14 @@ class Outbox(Generic[T]):
         lease = self._lease()
         if lease.left < size:
             self._renew(lease, size, timeout)
+
+    def try_reserve(self, size: int) -> bool:
+        """:meth:`reserve` without waiting: True when the room is there."""
+        try:
+            self.reserve(size, 0.0)
+        except BufferFullError:
+            return False
+        return True
 
     def _renew(self, lease: _Lease, size: int, timeout: float) -> None:
         if size > self.capacity:

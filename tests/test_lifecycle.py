@@ -518,3 +518,24 @@ def test_locks_held_by_parent_threads_do_not_block_a_forked_child(server: NatsSe
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert not INHERITED  # the parent keeps nothing of its own
+
+
+def test_a_loop_that_ends_during_connect_leaves_the_cluster_usable(
+    silent_server: Any, server: NatsServer, logger: logging.Logger
+) -> None:
+    cluster = NatsCluster("C1", [silent_server.url], logger, connect_timeout=5)
+
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(cluster.connect(), 0.3)  # the attempt is cut off with its loop
+
+    asyncio.run(give_up())
+    cluster.servers = [server.url]
+
+    async def again() -> None:
+        await cluster.publish("again", b"x")
+        await cluster.flush(5)
+        await cluster.close()
+
+    asyncio.run(again())
+    assert cluster.state is ClusterState.CLOSED and cluster.stats()["published"] == 1
