@@ -1,6 +1,7 @@
 """Publish to NATS clusters from blocking code, reliably and fast."""
 
 from ._cluster import DEFAULT_MAX_PENDING_BYTES, NatsCluster
+from ._dispatcher import Dispatcher
 from ._errors import (
     BufferFullError,
     ClusterClosedError,
@@ -12,12 +13,17 @@ from ._errors import (
     InvalidTypeError,
     NatsClusterError,
     PublishError,
+    SubscriptionClosedError,
+    SubscriptionModeError,
     WrongThreadError,
 )
+from ._filters import validate_filter
 from ._jetstream import PubAck
 from ._lifecycle import ClusterState
+from ._message import Msg
 from ._ring import HashRing
 from ._router import ClusterRouter, SyncClusterRouter, clusters_from_env
+from ._subscription import AsyncSubscription, Subscription
 from ._sync import SyncNatsCluster
 from ._wire import validate_subject
 
@@ -25,6 +31,13 @@ __version__ = "0.1.0"
 
 __all__ = (
     "DEFAULT_MAX_PENDING_BYTES",
+    "AsyncSubscription",
+    "Dispatcher",
+    "Msg",
+    "Subscription",
+    "SubscriptionClosedError",
+    "SubscriptionModeError",
+    "validate_filter",
     "HashRing",
     "BufferFullError",
     "ClusterClosedError",

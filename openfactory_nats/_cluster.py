@@ -17,6 +17,7 @@ from nats.aio.client import Client
 from . import _natsio
 from ._aio import bounded, quiet
 from ._connection import CALLBACKS, describe, open_client
+from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from ._errors import (
     BufferFullError,
     ClusterTimeoutError,
@@ -26,11 +27,14 @@ from ._errors import (
     InvalidTypeError,
     WrongThreadError,
 )
+from ._filters import validate_filter, validate_queue
 from ._jetstream import MSG_ID_HEADER, PubAck, check_msg_id, new_msg_id, publish_acked
 from ._lifecycle import ClusterState, Lifecycle, Phase
 from ._pump import Pump
+from ._receiving import Receiver, Receivers, Sink
 from ._redact import redact_url
 from ._stats import Stats
+from ._subscription import AsyncCallback, AsyncSubscription
 from ._wire import build_frame, check_timeout, frame_size, payload_bytes
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
@@ -121,6 +125,7 @@ class NatsCluster:
             replay=replay_unconfirmed,
         )
         self._life = Lifecycle(name, logger, on_close=self._pump.outbox.shut)
+        self._receivers = Receivers(name, logger, self._fast)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
         self._js: Any = None
         self._close_task: asyncio.Task[None] | None = None
@@ -164,13 +169,21 @@ class NatsCluster:
         ``disconnects``; ``replayed`` messages sent again after a lost connection;
         ``dropped`` messages and ``dropped_bytes`` that could not be delivered or whose
         delivery close could not confirm (each loss is also logged at ERROR); ``refused``
-        messages (buffer full); and two gauges: ``queued`` messages not yet handed to the
-        client and ``unsent_bytes`` handed to it but not yet written to the socket (with
-        replay: not yet confirmed).
+        messages (buffer full); ``received`` messages handed to subscriptions,
+        ``receive_dropped`` messages subscriptions dropped because they were full (a slow
+        consumer; reported at WARNING) and ``callback_errors`` raised by subscription
+        callbacks (logged at ERROR); and the gauges ``queued`` messages not yet handed to
+        the client, ``unsent_bytes`` handed to it but not yet written to the socket (with
+        replay: not yet confirmed) and ``subscriptions``.
         """
         result = self._stats.snapshot()
         result["queued"] = len(self._pump.outbox)
         result["unsent_bytes"] = self._pump.in_flight
+        received, dropped, errors = self._receivers.counts()
+        result["received"] = received
+        result["receive_dropped"] = dropped
+        result["callback_errors"] = errors
+        result["subscriptions"] = len(self._receivers)
         return result
 
     def _attached(self) -> Client | None:
@@ -245,6 +258,8 @@ class NatsCluster:
             self._pump.attach(nc)
             self._life.connected()  # raises ClusterClosedError if close() began meanwhile
             self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
+            if len(self._receivers):
+                await self._receivers.attach_all(nc)
         finally:
             self._lock.release()
         self._pump.on_wake()
@@ -475,6 +490,80 @@ class NatsCluster:
     def _lost_error(self, what: str) -> ClusterUnavailableError:
         return ClusterUnavailableError(f"cluster {self.name!r}: connection lost during {what}", cluster=self.name)
 
+    # -- subscribing ---------------------------------------------------------------
+    async def subscribe(
+        self,
+        subject: str,
+        callback: AsyncCallback | None = None,
+        *,
+        queue: str | None = None,
+        max_pending_msgs: int = DEFAULT_MAX_MSGS,
+        max_pending_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float = 10.0,
+    ) -> AsyncSubscription:
+        """Subscribe to *subject* (wildcards allowed: ``*`` a token, ``>`` the rest).
+
+        With an ``async`` *callback*, it is awaited for each message, in order; without
+        one, read with ``await sub.next_msg(timeout)`` or ``async for msg in sub``. Beyond
+        the limits, messages are dropped, counted (``sub.dropped``) and reported. Returns
+        once the server has registered the interest.
+
+        :raises InvalidMessageError: for an invalid subject filter or queue group.
+        :raises InvalidTypeError: for arguments of the wrong type.
+        :raises ConnectError: when the cluster cannot be reached.
+        :raises ClusterClosedError: after :meth:`close`.
+        """
+        filt = validate_filter(subject)
+        group = validate_queue(queue)
+        wait = check_timeout(timeout)
+        sink = AsyncSubscription(self, filt, callback, max_pending_msgs, max_pending_bytes)
+        receiver = Receiver(filt, group, sink, self._respond_from_loop)
+        sink.receiver = receiver
+        await self.add_receiver(receiver, wait)
+        return sink
+
+    def _respond_from_loop(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        if not self.offer(reply, data, headers, 0.0):
+            raise self._lost_error("respond")
+
+    async def add_receiver(self, receiver: Receiver, timeout: float) -> None:
+        """Subscribe *receiver* (connecting first if need be) and return once the server
+        has registered the interest, within *timeout* s.
+
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        """
+        self._life.check_open()
+        self._adopt_loop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not self._life.accepting:
+            await self._connect(min(self.connect_timeout, timeout))
+        self._receivers.register(receiver)
+        try:
+            self._life.check_open()
+            nc = self._attached()
+            if nc is None:
+                raise self._lost_error("subscribe")
+            await receiver.attach(nc, self._fast)
+            if not await self._pump.ping(nc, deadline - loop.time()):
+                if loop.time() >= deadline:
+                    raise ClusterTimeoutError(
+                        f"cluster {self.name!r}: the server did not confirm the subscription to "
+                        f"{receiver.subject!r} within {timeout:g} s",
+                        cluster=self.name,
+                    )
+        except BaseException:
+            await self._receivers.remove(receiver, drain=False)
+            raise
+
+    async def remove_receiver(self, receiver: Receiver, drain: bool) -> None:
+        """Unsubscribe *receiver*; with *drain*, first receive what the server sent."""
+        await self._receivers.remove(receiver, drain)
+
+    def sinks(self) -> list[Sink]:
+        """Where the subscriptions of this cluster deliver (any thread)."""
+        return self._receivers.sinks()
+
     # -- flushing and closing ------------------------------------------------------
     async def flush(self, timeout: float = 10.0) -> None:
         """Send everything queued before this call and wait for the server to confirm it
@@ -559,6 +648,7 @@ class NatsCluster:
             if self.nc is not None and not self.nc.is_closed:
                 await self._drain(self.nc, deadline)
         finally:
+            self._receivers.end_all(lambda receiver: receiver.sink.close(drain=True, timeout=0))
             left = self._pump.shutdown()
             if left:
                 self._pump.report_dropped(left, "closed before they could be sent")

@@ -39,7 +39,13 @@ from operator import attrgetter
 from types import TracebackType
 
 from ._dispatcher import Dispatcher
-from ._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from ._errors import (
+    ClusterTimeoutError,
+    InvalidMessageError,
+    InvalidTypeError,
+    SubscriptionClosedError,
+    SubscriptionModeError,
+)
 from ._message import Msg
 from ._wire import check_timeout
 
@@ -59,21 +65,6 @@ DROP_REPORT_INTERVAL = 5.0
 _size_of: Callable[[Msg], int] = attrgetter("_size")
 #: Messages the private thread of a subscription delivers between two looks at its queue.
 _OWN_THREAD_BATCH = 4096
-
-
-class SubscriptionClosedError(ClusterClosedError):
-    """The subscription is closed and nothing is left to read.
-
-    :ivar subject: the subscription's subject filter.
-    """
-
-    def __init__(self, message: str, *, cluster: str | None = None, subject: str = "") -> None:
-        super().__init__(message, cluster=cluster)
-        self.subject = subject
-
-
-class SubscriptionModeError(NatsClusterError, RuntimeError):
-    """A pull method was called on a subscription that has a callback."""
 
 
 class _State(enum.Enum):

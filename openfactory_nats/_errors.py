@@ -10,7 +10,9 @@ built-in exception that users already catch::
     │   ├── ConnectError                     the cluster could not be reached in time
     │   │   └── ConnectTimeoutError (TimeoutError)
     │   ├── ClusterClosedError               the instance was closed
+    │   │   └── SubscriptionClosedError      the subscription was closed (and is empty)
     │   └── PublishError                     the client refused a message
+    ├── SubscriptionModeError (RuntimeError) next_msg on a subscription with a callback
     ├── WrongThreadError (RuntimeError)      a blocking call on the event-loop thread
     └── ClusterTimeoutError (TimeoutError)   an operation ran out of time
         └── BufferFullError                  no room in the bounded outgoing buffer
@@ -33,6 +35,8 @@ __all__ = (
     "InvalidTypeError",
     "NatsClusterError",
     "PublishError",
+    "SubscriptionClosedError",
+    "SubscriptionModeError",
     "WrongThreadError",
 )
 
@@ -74,6 +78,21 @@ class ClusterClosedError(ClusterUnavailableError):
 
 class PublishError(ClusterUnavailableError):
     """The client refused the message for a reason other than its content."""
+
+
+class SubscriptionClosedError(ClusterClosedError):
+    """The subscription is closed and nothing is left to read.
+
+    :ivar subject: the subscription's subject filter.
+    """
+
+    def __init__(self, message: str, *, cluster: str | None = None, subject: str = "") -> None:
+        super().__init__(message, cluster=cluster)
+        self.subject = subject
+
+
+class SubscriptionModeError(NatsClusterError, RuntimeError):
+    """A pull method was called on a subscription that has a callback."""
 
 
 class WrongThreadError(NatsClusterError, RuntimeError):

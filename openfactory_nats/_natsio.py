@@ -16,11 +16,13 @@ import os
 from typing import Any
 
 from nats.aio.client import Client
+from nats.aio.subscription import Subscription
 
 __all__ = (
     "abort_transport",
     "append_frames",
     "buffered_bytes",
+    "divert_pending",
     "pending_bytes",
     "pending_ids",
     "pending_publish_frames",
@@ -42,7 +44,20 @@ def supports_fast_path() -> bool:
     if os.environ.get("OPENFACTORY_NATS_PUBLIC_API", "") not in ("", "0"):
         return False
     probe = Client()
-    return all(hasattr(probe, attr) for attr in _REQUIRED) and isinstance(probe._pending, list)
+    if not all(hasattr(probe, attr) for attr in _REQUIRED) or not isinstance(probe._pending, list):
+        return False
+    try:
+        sub = Subscription(probe, pending_msgs_limit=0)
+    except TypeError:
+        return False
+    return isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
+
+
+def divert_pending(sub: Subscription, queue: Any) -> None:
+    """Make nats-py hand the messages of *sub* (a subscription without callback) to
+    *queue*, which has ``put_nowait``, ``qsize``, ``empty``, ``task_done`` and an async
+    ``join``: the receiver batches them itself instead of nats-py's per-message queue."""
+    sub._pending_queue = queue
 
 
 def append_frames(nc: Client, frames: list[bytes], nbytes: int) -> None:

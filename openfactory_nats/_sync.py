@@ -17,15 +17,21 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 from ._cluster import NatsCluster
+from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS, Inbox
+from ._dispatcher import Dispatcher
 from ._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
+from ._filters import validate_filter, validate_queue
 from ._jetstream import PubAck, check_msg_id
 from ._lifecycle import ClusterState
 from ._loop import LoopThread, SharedLoop, keep_inherited
+from ._message import Msg
+from ._receiving import Receiver
+from ._subscription import Subscription
 from ._wire import check_timeout
 
 __all__ = ("SyncNatsCluster",)
@@ -66,6 +72,7 @@ class SyncNatsCluster:
         self._shared_loop = _shared_loop
         self._forked = False
         self._fork_lock = threading.Lock()
+        self._dispatchers: list[Dispatcher] = []
         self._start()
         _instances.add(self)
 
@@ -82,7 +89,7 @@ class SyncNatsCluster:
         wait = min(self._timeout, _AT_EXIT_TIMEOUT)
         self._close_lock = threading.Lock()  # concurrent closes wait for the first one
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._core, self._runner, owns, wait, os.getpid(), self._close_lock
+            self, _shutdown, self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers
         )
 
     def __repr__(self) -> str:
@@ -255,7 +262,92 @@ class SyncNatsCluster:
         if self._forked:
             self._renew_after_fork()
         _instances.discard(self)
-        _shutdown(self._core, self._runner, self._shared_loop is None, wait, os.getpid(), self._close_lock)
+        owns = self._shared_loop is None
+        _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers)
+
+    # -- receiving -------------------------------------------------------------------
+    def subscribe(
+        self,
+        subject: str,
+        callback: Callable[[Msg], object] | None = None,
+        *,
+        queue: str | None = None,
+        max_pending_msgs: int = DEFAULT_MAX_MSGS,
+        max_pending_bytes: int = DEFAULT_MAX_BYTES,
+        dispatcher: Dispatcher | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe to *subject* (wildcards allowed: ``*`` a token, ``>`` the rest).
+
+        With a *callback*, each message is passed to it on a worker thread (never the
+        event-loop thread): the subscription's own thread, or *dispatcher*'s threads
+        shared with other subscriptions (see :meth:`dispatcher`); either way in order,
+        one at a time. Without one, read with :meth:`Subscription.next_msg` or by
+        iterating. Beyond *max_pending_msgs* or *max_pending_bytes* waiting, new messages
+        for this subscription are dropped, counted (``sub.dropped``, ``stats()``) and
+        reported at WARNING; other subscriptions are not affected. Returns once the
+        server has registered the interest. Subscriptions are made again after a
+        reconnection; what the server routed during an outage is not received.
+
+        :raises InvalidMessageError: for an invalid subject filter, queue group or limit.
+        :raises InvalidTypeError: for arguments of the wrong type.
+        :raises ConnectError: when the cluster cannot be reached.
+        :raises ClusterTimeoutError: when the server did not confirm within *timeout* s.
+        :raises ClusterClosedError: after :meth:`close`.
+        :raises WrongThreadError: on the event-loop thread.
+        """
+        wait = self._wait(timeout)
+        filt = validate_filter(subject)
+        group = validate_queue(queue)
+        core = self._enter()
+        inbox = Inbox(
+            self.name,
+            filt,
+            core.logger,
+            callback=callback,
+            dispatcher=dispatcher,
+            max_msgs=max_pending_msgs,
+            max_bytes=max_pending_bytes,
+            check_thread=self._check_thread,
+        )
+        receiver = Receiver(filt, group, inbox, self._respond)
+        try:
+            self._call(core.add_receiver(receiver, wait), wait + 1.0)
+        except BaseException:
+            inbox.close(drain=False, timeout=0)
+            coro = core.remove_receiver(receiver, drain=False)  # if it got that far
+            try:
+                self._runner.submit(coro)
+            except RuntimeError:
+                coro.close()
+            raise
+        return Subscription(self, inbox, receiver, self._timeout)
+
+    def dispatcher(self, threads: int = 4) -> Dispatcher:
+        """Worker threads to share among subscriptions with callbacks (pass it as
+        ``dispatcher=``): each subscription keeps its order, at most one of its messages
+        in a callback at a time. Closed, and its threads joined, with the cluster."""
+        self._enter()
+        made = Dispatcher(threads, name=f"openfactory-nats-{self.name}-dispatcher")
+        self._dispatchers.append(made)
+        return made
+
+    def _respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        self.publish(reply, data, headers=headers)
+
+    def _remove(self, receiver: Receiver, drain: bool, timeout: float) -> None:
+        """Unsubscribe *receiver* on the loop (nothing to do once the cluster closes)."""
+        if self._forked or self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
+            return
+        self._check_thread()
+        try:
+            self._call(self._core.remove_receiver(receiver, drain), timeout)
+        except ClusterClosedError:
+            pass  # closing meanwhile: the close ends it
+
+    def _check_thread(self) -> None:
+        if self._runner.in_loop_thread():
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
 
     # -- helpers -------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> float:
@@ -305,6 +397,14 @@ class SyncNatsCluster:
                 return
             self._finalizer.detach()  # what the child inherited belongs to the parent
             keep_inherited(self._runner, self._core)
+            inherited = len(self._core.sinks())
+            if inherited:
+                self._core.logger.warning(
+                    "cluster %s: %d subscription(s) made by the parent process do not deliver in this "
+                    "forked child; subscribe again here",
+                    self.name,
+                    inherited,
+                )
             closed = self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED)
             self._core = NatsCluster(*self._args, **self._options)
             if closed:
@@ -314,14 +414,23 @@ class SyncNatsCluster:
 
 
 def _shutdown(
-    core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, pid: int, lock: threading.Lock
+    core: NatsCluster,
+    runner: LoopThread,
+    owns_loop: bool,
+    wait: float,
+    pid: int,
+    lock: threading.Lock,
+    dispatchers: list[Dispatcher],
 ) -> None:
-    """Close *core* within *wait* s (plus a margin for the abort of a late drain) and
-    stop its loop if the instance owns it. Called by ``close()``, and by the finalizer
-    when the instance is collected or the interpreter exits; never blocks the loop."""
+    """Close *core* within *wait* s (plus a margin for the abort of a late drain), let
+    the subscriptions deliver what they hold within the same time and join their
+    threads, and stop the loop if the instance owns it. Called by ``close()``, and by the
+    finalizer when the instance is collected or the interpreter exits; never blocks the
+    loop."""
     if os.getpid() != pid:
         return  # inherited through fork: it belongs to the parent
     core.begin_close()  # refuse new messages from now on, in every thread
+    sinks = core.sinks()  # no subscription is added once closing has begun
     loop = runner.loop
     if runner.in_loop_thread():  # collected on the loop thread itself: don't wait there
         task = loop.create_task(core.close(wait))
@@ -334,6 +443,10 @@ def _shutdown(
         return
     try:
         _close_and_stop(core, runner, owns_loop, wait, deadline)
+        for sink in sinks:
+            sink.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
+        for dispatcher in dispatchers:
+            dispatcher.close(max(0.0, deadline - time.monotonic()))
     finally:
         lock.release()
 
