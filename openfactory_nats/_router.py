@@ -8,16 +8,20 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import Any
 
 from ._cluster import NatsCluster
+from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
+from ._dispatcher import Dispatcher
 from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
 from ._jetstream import PubAck
 from ._loop import SharedLoop
+from ._message import Msg
 from ._ring import HashRing
+from ._subscription import Subscription, open_subscription
 from ._sync import SyncNatsCluster
 from ._wire import check_timeout
 
@@ -179,6 +183,7 @@ class SyncClusterRouter:
         self._timeout = check_timeout(timeout)
         self._loop = SharedLoop("openfactory-nats-router")
         self._close_lock = threading.Lock()
+        self._dispatchers: list[Dispatcher] = []
         self._clusters = {
             name: SyncNatsCluster(name, urls, logger, timeout=timeout, _shared_loop=self._loop, **options)
             for name, urls in parsed.items()
@@ -229,6 +234,50 @@ class SyncClusterRouter:
         cluster.publish(subject, payload, timeout, headers=headers)
         return None
 
+    def subscribe(
+        self,
+        key: str | bytes,
+        subject: str,
+        callback: Callable[[Msg], object] | None = None,
+        **options: Any,
+    ) -> Subscription:
+        """Subscribe on the cluster that owns *key* (see :meth:`SyncNatsCluster.subscribe`)."""
+        return self._clusters[self.ring.get(key)].subscribe(subject, callback, **options)
+
+    def subscribe_all(
+        self,
+        subject: str,
+        callback: Callable[[Msg], object] | None = None,
+        *,
+        queue: str | None = None,
+        max_pending_msgs: int = DEFAULT_MAX_MSGS,
+        max_pending_bytes: int = DEFAULT_MAX_BYTES,
+        dispatcher: Dispatcher | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe on every cluster; one subscription delivers what any of them
+        receives (a dashboard following ``*.Availability`` of all assets). A cluster's
+        outage does not stop delivery from the others. Options as for
+        :meth:`SyncNatsCluster.subscribe`."""
+        return open_subscription(
+            list(self._clusters.values()),
+            "router",
+            subject,
+            callback,
+            queue=queue,
+            max_pending_msgs=max_pending_msgs,
+            max_pending_bytes=max_pending_bytes,
+            dispatcher=dispatcher,
+            timeout=self._wait(timeout),
+        )
+
+    def dispatcher(self, threads: int = 4) -> Dispatcher:
+        """Worker threads to share among subscriptions (see
+        :meth:`SyncNatsCluster.dispatcher`); closed with the router."""
+        made = Dispatcher(threads, name="openfactory-nats-router-dispatcher")
+        self._dispatchers.append(made)
+        return made
+
     def _all(self, action: str, make: Any, timeout: float) -> None:
         runner = self._loop.current()
         if runner.in_loop_thread():
@@ -275,6 +324,7 @@ class SyncClusterRouter:
             cores = {name: cluster.cluster for name, cluster in self._clusters.items()}
             for core in cores.values():
                 core.begin_close()  # refuse new messages everywhere at once
+            sinks = {id(sink): sink for core in cores.values() for sink in core.sinks()}
             if runner.thread.is_alive():
                 # Drain all clusters at once: a stalled one must not eat the others' time.
                 future = runner.submit(_each({n: core.close(wait) for n, core in cores.items()}))
@@ -285,6 +335,10 @@ class SyncClusterRouter:
             for cluster in self._clusters.values():
                 cluster.close(max(0.0, deadline - time.monotonic()))
             runner.stop(max(1.0, deadline - time.monotonic()))
+            for sink in sinks.values():  # deliver what the subscriptions hold; join their threads
+                sink.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
+            for dispatcher in self._dispatchers:
+                dispatcher.close(max(0.0, deadline - time.monotonic()))
             self._finalizer.detach()
         finally:
             self._close_lock.release()

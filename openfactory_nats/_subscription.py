@@ -10,6 +10,7 @@ is the inbox's: once the inbox is closed, the subscription is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -19,7 +20,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from ._delivery import DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
-from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError
+from ._dispatcher import Dispatcher
+from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from ._filters import validate_filter, validate_queue
 from ._message import Msg
 from ._receiving import Receiver
 from ._wire import check_timeout
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from ._cluster import NatsCluster
     from ._sync import SyncNatsCluster
 
-__all__ = ("AsyncSubscription", "Subscription")
+__all__ = ("AsyncSubscription", "Subscription", "open_subscription")
 
 
 class Subscription:
@@ -40,25 +43,25 @@ class Subscription:
     manager it unsubscribes on exit.
     """
 
-    def __init__(self, owner: SyncNatsCluster, inbox: Inbox, receiver: Receiver, timeout: float) -> None:
-        self._owner = owner
+    def __init__(self, name: str, parts: list[tuple[SyncNatsCluster, Receiver]], inbox: Inbox, timeout: float) -> None:
+        self._name = name
+        self._parts = parts
         self._inbox = inbox
-        self._receiver = receiver
         self._timeout = timeout
         self._pid = os.getpid()
 
     def __repr__(self) -> str:
-        return f"<Subscription {self.subject!r} queue={self.queue!r} on {self._owner.name!r}>"
+        return f"<Subscription {self.subject!r} queue={self.queue!r} on {self._name!r}>"
 
     @property
     def subject(self) -> str:
         """The subject filter."""
-        return self._receiver.subject
+        return self._inbox.subject
 
     @property
     def queue(self) -> str | None:
         """The queue group, or None."""
-        return self._receiver.queue
+        return self._parts[0][1].queue
 
     @property
     def pending(self) -> int:
@@ -88,9 +91,9 @@ class Subscription:
     def _check_process(self) -> None:
         if self._pid != os.getpid():
             raise SubscriptionClosedError(
-                f"cluster {self._owner.name!r}: subscription {self.subject!r} was made by the parent "
+                f"cluster {self._name!r}: subscription {self.subject!r} was made by the parent "
                 "process and does not deliver in a forked child; subscribe again in the child",
-                cluster=self._owner.name,
+                cluster=self._name,
                 subject=self.subject,
             )
 
@@ -119,9 +122,10 @@ class Subscription:
         if self._pid != os.getpid():
             return
         wait = self._timeout if timeout is None else check_timeout(timeout)
-        self._owner._check_thread()
+        self._parts[0][0]._check_thread()
         self._inbox.close(drain=False, timeout=wait)
-        self._owner._remove(self._receiver, drain=False, timeout=wait)
+        for owner, receiver in self._parts:
+            owner._remove(receiver, drain=False, timeout=wait)
 
     def drain(self, timeout: float | None = None) -> None:
         """Stop receiving, and let what the server already sent be processed, for up to
@@ -132,20 +136,16 @@ class Subscription:
         if self._pid != os.getpid():
             return
         wait = self._timeout if timeout is None else check_timeout(timeout)
-        self._owner._check_thread()
+        self._parts[0][0]._check_thread()
         deadline = time.monotonic() + wait
-        self._owner._remove(self._receiver, drain=True, timeout=wait)
+        for owner, receiver in self._parts:
+            owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic()))
         if not self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic())):
             if self._inbox.pending or not self._inbox.closed:
                 raise ClusterTimeoutError(
-                    f"cluster {self._owner.name!r}: subscription {self.subject!r} not drained within {wait:g} s",
-                    cluster=self._owner.name,
+                    f"cluster {self._name!r}: subscription {self.subject!r} not drained within {wait:g} s",
+                    cluster=self._name,
                 )
-
-    def _end(self, timeout: float) -> None:
-        """The cluster is closing: deliver what is pending (bounded) and join the thread."""
-        if self._pid == os.getpid():
-            self._inbox.close(drain=True, timeout=timeout)
 
     def __enter__(self) -> Subscription:
         return self
@@ -154,6 +154,50 @@ class Subscription:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.unsubscribe()
+
+
+def open_subscription(
+    clusters: list[SyncNatsCluster],
+    name: str,
+    subject: str,
+    callback: Callable[[Msg], object] | None,
+    *,
+    queue: str | None,
+    max_pending_msgs: int,
+    max_pending_bytes: int,
+    dispatcher: Dispatcher | None,
+    timeout: float,
+) -> Subscription:
+    """Subscribe on every one of *clusters*, delivering into one inbox (see
+    :meth:`SyncNatsCluster.subscribe`); validation happens in the caller's thread."""
+    filt = validate_filter(subject)
+    group = validate_queue(queue)
+    first = clusters[0]
+    first._check_thread()
+    inbox = Inbox(
+        name,
+        filt,
+        first.cluster.logger,
+        callback=callback,
+        dispatcher=dispatcher,
+        max_msgs=max_pending_msgs,
+        max_bytes=max_pending_bytes,
+        check_thread=first._check_thread,
+    )
+    parts = [(cluster, Receiver(filt, group, inbox, cluster._respond)) for cluster in clusters]
+    deadline = time.monotonic() + timeout
+    done: list[tuple[SyncNatsCluster, Receiver]] = []
+    try:
+        for cluster, receiver in parts:
+            cluster._add(receiver, max(0.0, deadline - time.monotonic()))
+            done.append((cluster, receiver))
+    except BaseException:
+        inbox.close(drain=False, timeout=0)
+        for cluster, receiver in done:
+            with contextlib.suppress(NatsClusterError):
+                cluster._remove(receiver, drain=False, timeout=1.0)
+        raise
+    return Subscription(name, parts, inbox, timeout)
 
 
 AsyncCallback = Callable[[Msg], Awaitable[object]]

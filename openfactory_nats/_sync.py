@@ -22,16 +22,15 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 from ._cluster import NatsCluster
-from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS, Inbox
+from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from ._dispatcher import Dispatcher
 from ._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
-from ._filters import validate_filter, validate_queue
 from ._jetstream import PubAck, check_msg_id
 from ._lifecycle import ClusterState
 from ._loop import LoopThread, SharedLoop, keep_inherited
 from ._message import Msg
 from ._receiving import Receiver
-from ._subscription import Subscription
+from ._subscription import Subscription, open_subscription
 from ._wire import check_timeout
 
 __all__ = ("SyncNatsCluster",)
@@ -296,32 +295,30 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         :raises WrongThreadError: on the event-loop thread.
         """
-        wait = self._wait(timeout)
-        filt = validate_filter(subject)
-        group = validate_queue(queue)
-        core = self._enter()
-        inbox = Inbox(
+        return open_subscription(
+            [self],
             self.name,
-            filt,
-            core.logger,
-            callback=callback,
+            subject,
+            callback,
+            queue=queue,
+            max_pending_msgs=max_pending_msgs,
+            max_pending_bytes=max_pending_bytes,
             dispatcher=dispatcher,
-            max_msgs=max_pending_msgs,
-            max_bytes=max_pending_bytes,
-            check_thread=self._check_thread,
+            timeout=self._wait(timeout),
         )
-        receiver = Receiver(filt, group, inbox, self._respond)
+
+    def _add(self, receiver: Receiver, wait: float) -> None:
+        """Subscribe *receiver* on this cluster, within *wait* s (see :meth:`subscribe`)."""
+        core = self._enter()
         try:
             self._call(core.add_receiver(receiver, wait), wait + 1.0)
         except BaseException:
-            inbox.close(drain=False, timeout=0)
             coro = core.remove_receiver(receiver, drain=False)  # if it got that far
             try:
                 self._runner.submit(coro)
             except RuntimeError:
                 coro.close()
             raise
-        return Subscription(self, inbox, receiver, self._timeout)
 
     def dispatcher(self, threads: int = 4) -> Dispatcher:
         """Worker threads to share among subscriptions with callbacks (pass it as

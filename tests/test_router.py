@@ -184,3 +184,35 @@ def test_router_refuses_loop_thread_calls_and_works_after_fork(
         router.flush(5)
     total = sum(srv.monitor("varz")["in_msgs"] for srv in three.values())
     assert total == 60
+
+
+def test_subscribe_on_the_owning_cluster_and_on_all(three: dict[str, NatsServer], logger: logging.Logger) -> None:
+    from openfactory_nats import Msg
+
+    ids = assets(30)
+    with SyncClusterRouter({n: s.url for n, s in three.items()}, logger, reconnect_time_wait=0.1) as router:
+        owned = router.subscribe(ids[0], f"{ids[0]}.*")
+        seen: list[Msg] = []
+        everything = router.subscribe_all("*.Availability", callback=seen.append)
+        for asset in ids:
+            router.publish(asset, f"{asset}.Availability", asset.encode())
+        router.flush()
+        assert owned.next_msg(5).data == ids[0].encode()
+        deadline = time.monotonic() + 10
+        while len(seen) < 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(m.data.decode() for m in seen) == sorted(ids)
+        # one cluster's outage does not stop delivery from the others
+        down = router.cluster_for(ids[0])
+        three[down].kill()
+        alive = [a for a in ids if router.cluster_for(a) != down]
+        seen.clear()
+        for asset in alive:
+            router.publish(asset, f"{asset}.Availability", b"again")
+        deadline = time.monotonic() + 10
+        while len(seen) < len(alive) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(seen) == len(alive)
+        stats = router.stats()
+        assert sum(s["received"] for s in stats.values()) >= 30 + len(alive)
+    everything.unsubscribe()  # after close: nothing to do, no error
