@@ -1,4 +1,4 @@
-"""The ``openfactory-nats`` command: ``demo``, ``publish`` and ``bench``."""
+"""The ``openfactory-nats`` command: ``demo``, ``publish``, ``sub`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from ._errors import NatsClusterError
+from ._message import Msg
 from ._sync import SyncNatsCluster
 
 __all__ = ("main",)
@@ -79,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     pub.add_argument("--ack", action="store_true", help="wait for JetStream to store each message (de-duplicated)")
     pub.add_argument("subject")
     pub.add_argument("payload", nargs="?")
+
+    rcv = sub.add_parser("sub", help="print the messages received on SUBJECT")
+    rcv.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    rcv.add_argument("--timeout", type=float, help="exit 1 when the messages did not come within S s (default: wait)")
+    rcv.add_argument("--servers", type=_servers, required=True)
+    rcv.add_argument("--queue", help="join this queue group")
+    rcv.add_argument("--count", type=int, help="exit 0 after this many messages")
+    rcv.add_argument("subject")
 
     bench = sub.add_parser("bench", parents=[common], help="measure throughput next to plain nats-py")
     bench.add_argument("--servers", type=_servers, help="a server to measure against (default: embedded)")
@@ -162,6 +172,40 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_message(msg: Msg) -> str:
+    """One message as the ``sub`` command prints it: subject, headers, then the payload
+    as text when it decodes, else its length."""
+    try:
+        body = msg.data.decode("utf-8")
+        shown = body if body.isprintable() else repr(body)
+    except UnicodeDecodeError:
+        shown = f"<{len(msg.data)} bytes>"
+    headers = "".join(f" {name}={value}" for name, value in (msg.headers or {}).items())
+    return f"[{msg.subject}]{headers} {shown}"
+
+
+def _sub(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise CliError("--count must be at least 1", 2)
+    step = 10.0 if args.timeout is None else args.timeout
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    received = 0
+    with SyncNatsCluster("cli", args.servers, _log, timeout=step, connect_timeout=step,
+                         **credentials_from_env()) as cluster:  # fmt: skip
+        sub = cluster.subscribe(args.subject, queue=args.queue)
+        while args.count is None or received < args.count:
+            wait = 3600.0 if deadline is None else deadline - time.monotonic()
+            try:
+                msg = sub.next_msg(timeout=max(0.0, wait))
+            except TimeoutError:
+                if deadline is None:
+                    continue
+                raise CliError(f"{received} message(s) on {args.subject!r} within {args.timeout:g} s") from None
+            print(format_message(msg), flush=True)
+            received += 1
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ._bench import BenchConfig, format_table, run_benchmark
 
@@ -187,9 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.timeout <= 0:
+        if args.timeout is not None and args.timeout <= 0:
             raise CliError("--timeout must be positive", 2)
-        handler = {"demo": _demo, "publish": _publish, "bench": _bench}[args.command]
+        handler = {"demo": _demo, "publish": _publish, "sub": _sub, "bench": _bench}[args.command]
         return handler(args)
     except CliError as exc:
         print(f"openfactory-nats: error: {exc}", file=sys.stderr)

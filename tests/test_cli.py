@@ -124,3 +124,35 @@ def test_ack_stores_every_line_in_the_stream(jetstream_server: NatsServer) -> No
     missing = run(["publish", "--servers", jetstream_server.url, "--ack", "--timeout", "1", "nostream.x", "v"])
     assert missing.returncode == 1 and "no acknowledgement" in missing.stderr.decode()
     assert "Traceback" not in missing.stderr.decode()
+
+
+def test_sub_prints_messages_and_exits_after_count(server: NatsServer) -> None:
+    proc = subprocess.Popen(
+        CLI + ["sub", "--servers", server.url, "--count", "3", "--timeout", "20", "cli.>"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while server.monitor("subsz")["num_subscriptions"] < 1:
+            assert time.monotonic() < deadline, "the sub command did not subscribe"
+            time.sleep(0.05)
+        for args in (["cli.a", "hello"], ["--header", "K=v", "cli.b", "x"]):
+            assert run(["publish", "--servers", server.url, *args]).returncode == 0
+        binary = run(["publish", "--servers", server.url, "cli.c"], stdin=b"\xff\xfe\n")
+        assert binary.returncode == 0
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.decode().splitlines() == ["[cli.a] hello", "[cli.b] K=v x", "[cli.c] <2 bytes>"]
+
+
+def test_sub_exits_1_when_the_timeout_passes_first(server: NatsServer) -> None:
+    started = time.monotonic()
+    result = run(["sub", "--servers", server.url, "--count", "1", "--timeout", "0.5", "quiet"])
+    assert result.returncode == 1 and time.monotonic() - started < 10
+    err = result.stderr.decode()
+    assert "Traceback" not in err and "within 0.5 s" in err
+    bad = run(["sub", "--servers", server.url, "a..b"])
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr.decode()
