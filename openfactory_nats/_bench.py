@@ -27,6 +27,7 @@ from typing import Any
 
 import nats
 
+from ._bench_receive import format_receive, receive_benchmark
 from ._embedded import EmbeddedServer
 from ._errors import BufferFullError
 from ._sync import SyncNatsCluster
@@ -50,6 +51,7 @@ class BenchConfig:
     latency_seconds: float = 3.0
     latency_rate: int = 10_000
     stall: bool = True
+    receive: bool = True
     stall_cap: int = 64 * _MIB
     byte_budget: int = 256 * _MIB
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -307,6 +309,10 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda 
                     row[name] = _median(runs[name])
                     row[f"{name}_ratio"] = row[name] / plain
             results["throughput"].append(row)
+        if config.receive:
+            results["receive"] = receive_benchmark(
+                url, config.messages, 128, config.rounds, config.latency_seconds, progress
+            )
         if config.latency_seconds > 0:
             progress(f"latency: {config.latency_rate} msgs/s for {config.latency_seconds:g} s")
             results["latency"] = _latency(url, config.latency_seconds, config.latency_rate)
@@ -362,6 +368,8 @@ def format_table(results: dict[str, Any]) -> str:
             f"stalled server: RSS grew {st['rss_growth_mib']:.1f} MiB against a cap of {st['cap_mib']:.0f} MiB "
             f"({st['ratio_to_cap']:.2f}x); {st['refused']:.0f} publishes refused with BufferFullError"
         )
+    if "receive" in results:
+        lines += format_receive(results["receive"])
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -97,6 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", default="16,128,4096,65536", help="payload sizes in bytes")
     bench.add_argument("--latency-seconds", type=float, default=3.0)
     bench.add_argument("--no-stall", action="store_true", help="skip the stalled-server memory test")
+    bench.add_argument("--no-receive", action="store_true", help="skip the receive measurements")
     bench.add_argument("--json", action="store_true", help="print machine-readable results")
     return parser
 
@@ -220,6 +221,7 @@ def _bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         latency_seconds=args.latency_seconds,
         stall=not args.no_stall,
+        receive=not args.no_receive,
     )
     results = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))

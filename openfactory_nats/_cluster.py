@@ -252,6 +252,10 @@ class NatsCluster:
             except BaseException:
                 self._life.connect_failed(fallback)
                 raise
+            if self._life.closing:  # close() began while connecting, and may be over: leave no client
+                _natsio.abort_transport(nc)
+                await quiet(nc.close())
+                self._life.check_open()  # raises ClusterClosedError
             self.nc = nc
             self._js = None
             self._max_payload = nc.max_payload or _DEFAULT_MAX_PAYLOAD
@@ -299,7 +303,7 @@ class NatsCluster:
         self.logger.warning("cluster %s: error: %s", self.name, describe(exc))
 
     def _client_disconnected(self, nc: Client) -> None:
-        if nc is self._attached():
+        if nc is self.nc and self._life.accepting:  # not when our own close() ends it
             self._stats.add("disconnects")
             self.logger.warning("cluster %s: disconnected; buffering until reconnected", self.name)
             self._pump.on_disconnected(nc)
@@ -635,7 +639,10 @@ class NatsCluster:
         locked = False
         try:
             # A connection attempt in progress ends first (or runs out of time).
-            locked = await bounded(self._lock.acquire(), deadline - loop.time())
+            if self._lock.locked():
+                locked = await bounded(self._lock.acquire(), deadline - loop.time())
+            else:
+                locked = await self._lock.acquire()  # free: taken at once, whatever the deadline
             if self.nc is None and self._pump.pending_work():
                 # Messages are still waiting (for instance from an event loop that ended):
                 # try to deliver them within the drain time.

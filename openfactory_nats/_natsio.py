@@ -22,11 +22,13 @@ __all__ = (
     "abort_transport",
     "append_frames",
     "buffered_bytes",
+    "connection_token",
     "divert_pending",
     "pending_bytes",
     "pending_ids",
     "pending_publish_frames",
     "prepend_frames",
+    "remove_frames",
     "same_connection",
     "send_ping",
     "supports_fast_path",
@@ -115,6 +117,22 @@ def send_ping(nc: Client) -> tuple[asyncio.Future[Any], object] | None:
     pongs.append(future)
     nc._transport.write(_PING)
     return future, pongs
+
+
+def connection_token(nc: Client) -> object:
+    """An object that names the client's current connection (nats-py starts a new PONG
+    queue for each connection it makes, reconnection attempts included)."""
+    return nc._pongs
+
+
+def remove_frames(nc: Client, ids: set[int]) -> None:
+    """Take the items whose identity is in *ids* out of the client's pending buffer."""
+    if not ids:
+        return
+    kept = [item for item in nc._pending if id(item) not in ids]
+    if len(kept) != len(nc._pending):
+        nc._pending = kept
+        nc._pending_data_size = sum(map(len, kept))
 
 
 def same_connection(nc: Client, token: object) -> bool:

@@ -232,6 +232,8 @@ class Outbox(Generic[T]):
         items = self._items
         count = len(items)
         pop = items.popleft
+        if self._sealed:
+            return self._take_racing_sweeps(max_bytes, sizeof)
         if not max_bytes:
             self.taken += count
             return [pop() for _ in range(count)]
@@ -242,6 +244,21 @@ class Outbox(Generic[T]):
             taken.append(item)
             total += sizeof(item)
             count -= 1
+        self.taken += len(taken)
+        return taken
+
+    def _take_racing_sweeps(self, max_bytes: int, sizeof: Callable[[T], int]) -> list[T]:
+        """:meth:`take` once sealed, when late producers may sweep the queue at the same
+        time: pop until it is empty rather than trust a length read before."""
+        taken: list[T] = []
+        total = 0
+        while not max_bytes or total < max_bytes:
+            try:
+                item = self._items.popleft()
+            except IndexError:
+                break
+            taken.append(item)
+            total += sizeof(item)
         self.taken += len(taken)
         return taken
 

@@ -84,24 +84,31 @@ class Pump:
         self._unconfirmed: list[list[bytes]] = []
         self._unconfirmed_bytes = 0
         self._confirming: deque[Ping] = deque()
-        self._salvaged: list[bytes] = []
+        #: The connection (see ``_natsio.connection_token``) the unconfirmed batches went out on.
+        self._unconfirmed_token: object = None
+        #: Frames to put first on the next connection: unconfirmed when a connection was
+        #: lost, or kept from a client whose event loop ended.
+        self._replay: deque[bytes] = deque()
+        #: The connection the replay may go out on (set once nats-py says it reconnected).
+        self._replay_token: object = None
 
     # -- clients coming and going ----------------------------------------------------
     def attach(self, nc: Client) -> None:
-        """Start using the newly connected client *nc*; what was salvaged from a client
-        whose event loop ended goes first."""
-        frames, self._salvaged = self._salvaged, []
-        nbytes = sum(map(len, frames))
-        if self.in_flight > nbytes:  # a previous client's bytes that nobody accounted for
-            self._lose(self.in_flight - nbytes, "the previous connection ended before they were confirmed")
-        self.in_flight = nbytes
+        """Start using the newly connected client *nc*; what waits for replay (from a
+        client whose event loop ended) goes first."""
+        held = sum(map(len, self._replay))
+        if self.in_flight > held:  # a previous client's bytes that nobody accounted for
+            self._lose(self.in_flight - held, "the previous connection ended before they were confirmed")
+        self.in_flight = held
         self._confirming.clear()
-        self._unconfirmed, self._unconfirmed_bytes = ([frames], nbytes) if self.replay and frames else ([], 0)
-        if frames:
-            _natsio.prepend_frames(nc, frames, nbytes)
-            self.stats.add("replayed", len(frames))
-            if self.replay:
-                self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
+        self._unconfirmed, self._unconfirmed_bytes = [], 0
+        token = _natsio.connection_token(nc) if self.fast else None
+        self._unconfirmed_token = self._replay_token = token
+        if self._replay and not self.fast:  # kept from a public-API client: nothing to replay with
+            frames = list(self._replay)
+            self._replay.clear()
+            self.in_flight = 0
+            self._lose(held, f"{len(frames)} messages of a client whose event loop ended could not be sent")
 
     def salvage(self, nc: Client | None) -> None:
         """The event loop of client *nc* has ended (its tasks are gone): keep the frames
@@ -119,7 +126,9 @@ class Pump:
             # What reached the kernel goes out on the old socket anyway; only when the
             # transport still held bytes can a written frame be missing (replay it then).
             stuck = _natsio.buffered_bytes(nc) > _natsio.pending_bytes(nc)
-            for frame in (unconfirmed if self.replay and stuck else []) + pending:
+            waiting = list(self._replay)  # never written since their connection was lost
+            self._replay.clear()
+            for frame in waiting + (unconfirmed if self.replay and stuck else []) + pending:
                 if id(frame) not in seen:
                     seen.add(id(frame))
                     kept.append(frame)
@@ -127,8 +136,8 @@ class Pump:
                 _natsio.abort_transport(nc)
         self._confirming.clear()
         self._unconfirmed, self._unconfirmed_bytes = [], 0
-        self._salvaged = kept + self._salvaged
-        held = sum(map(len, self._salvaged))
+        self._replay.extendleft(reversed(kept))
+        held = sum(map(len, self._replay))
         if self.in_flight > held:
             lost = self.in_flight - held
             self.in_flight = held
@@ -140,7 +149,7 @@ class Pump:
 
     def pending_work(self) -> bool:
         """True when messages wait to be handed to a client."""
-        return bool(len(self.outbox) or self._salvaged)
+        return bool(len(self.outbox) or self._replay)
 
     # -- moving messages -----------------------------------------------------------
     def on_wake(self) -> None:
@@ -160,6 +169,19 @@ class Pump:
         # Keep nats-py's buffer and the transport's small: what does not fit waits in
         # the outbox, budgeted, instead of being copied into ever larger socket writes.
         room = self.high_water - _natsio.buffered_bytes(nc)
+        token = _natsio.connection_token(nc)
+        if self.replay and self._unconfirmed and self._unconfirmed_token is not token:
+            # Handed to a connection that nats-py abandoned without telling us (a
+            # reconnection attempt that failed after its handshake): send them again.
+            self._hold_for_replay()
+        if self._replay:
+            if self._replay_token is not token:
+                self.outbox.scheduled = False  # on_reconnected starts the replay
+                return
+            room -= self._feed_replay(nc, room)
+            if self._replay:
+                room = 0  # the rest of the replay goes first
+        self._unconfirmed_token = token
         frames = self.outbox.take(room) if room > 0 else []
         if frames:
             nbytes = sum(map(len, frames))
@@ -174,9 +196,33 @@ class Pump:
                     self._request_confirmation(nc)  # don't let a fast sender wait for the tick
                 if self._confirmer is None or self._confirmer.done():
                     self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
-        if len(self.outbox) and (self._feeder is None or self._feeder.done()):
+        if (len(self.outbox) or self._replay) and (self._feeder is None or self._feeder.done()):
             self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
         self.reconcile(nc)
+
+    def _feed_replay(self, nc: Client, room: int) -> int:
+        """Hand the client the next slice (about *room* bytes) of the frames to send
+        again, and return its size. nats-py writes its pending buffer in one piece: the
+        whole replay at once would be copied while replay still holds every frame."""
+        if room <= 0:
+            return 0
+        replay = self._replay
+        frames: list[bytes] = []
+        nbytes = 0
+        while replay and nbytes < room:
+            frame = replay.popleft()
+            frames.append(frame)
+            nbytes += len(frame)
+        _natsio.append_frames(nc, frames, nbytes)
+        self.stats.add("replayed", len(frames))
+        if self.replay:
+            self._unconfirmed.append(frames)
+            self._unconfirmed_bytes += nbytes
+            if self._unconfirmed_bytes >= self.high_water:
+                self._request_confirmation(nc)
+            if self._confirmer is None or self._confirmer.done():
+                self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
+        return nbytes
 
     async def _pump_public(self, nc: Client) -> None:
         # Only while connected: during an outage messages wait in the outbox, within the
@@ -204,7 +250,7 @@ class Pump:
         """Resume moving messages as the socket takes them (the transport's flow control
         wakes it; no polling)."""
         backlog = -1
-        while len(self.outbox) and nc is self._client() and nc.is_connected:
+        while (len(self.outbox) or self._replay) and nc is self._client() and nc.is_connected:
             await asyncio.sleep(0)  # let nats-py's flusher write what it holds
             try:
                 await _natsio.wait_writable(nc)
@@ -235,12 +281,12 @@ class Pump:
         """Hand the client everything queued before *mark* (see ``Outbox.mark``), while
         connected, by *deadline* (loop time); True once done."""
         loop = asyncio.get_running_loop()
-        while self.outbox.taken < mark:
+        while self.outbox.taken < mark or self._replay:  # the replay is older than the outbox
             nc = self._client()
             if nc is None or not nc.is_connected or loop.time() >= deadline:
                 return False
             self.on_wake()
-            if self.outbox.taken >= mark:
+            if self.outbox.taken >= mark and not self._replay:
                 break
             await asyncio.sleep(_POLL_INTERVAL)
         if not self.fast:  # the public path hands over one message at a time, in a task
@@ -294,7 +340,8 @@ class Pump:
             self._request_confirmation(nc)
 
     def on_disconnected(self, nc: Client) -> None:
-        """The connection dropped: put what the server never confirmed back in front."""
+        """The connection dropped: what the server never confirmed goes first once
+        nats-py has reconnected, handed over in slices like everything else."""
         confirming, self._confirming = list(self._confirming), deque()
         self.pings.connection_lost()
         if not self.fast:
@@ -307,24 +354,36 @@ class Pump:
                 self.in_flight -= lost
                 self._lose(lost, "the connection dropped before they were written")
             return
-        batches = [batch for ping in confirming for batch in ping.batches] + self._unconfirmed
-        frames = [frame for batch in batches for frame in batch]
-        self._unconfirmed = [frames] if frames else []
-        self._unconfirmed_bytes = sum(map(len, frames))
-        pending = _natsio.pending_ids(nc)
-        resend = [frame for frame in frames if id(frame) not in pending]
-        if resend:
-            _natsio.prepend_frames(nc, resend, sum(map(len, resend)))
-            self.stats.add("replayed", len(resend))
+        self._unconfirmed = [batch for ping in confirming for batch in ping.batches] + self._unconfirmed
+        self._hold_for_replay()
+        # Out of nats-py's reconnect buffer too: it would write them on the first attempt
+        # to reconnect, and lose them if that attempt fails; on_reconnected sends them.
+        _natsio.remove_frames(nc, {id(frame) for frame in self._replay})
+        if self._replay:
             self.logger.warning(
                 "cluster %s: %d messages not yet confirmed by the server will be sent again after reconnecting",
                 self.cluster,
-                len(resend),
+                len(self._replay),
             )
 
+    def _hold_for_replay(self) -> None:
+        """The unconfirmed batches went out on a connection that is gone: keep them for
+        the next one."""
+        self._replay.extend(frame for batch in self._unconfirmed for frame in batch)
+        self._unconfirmed, self._unconfirmed_bytes = [], 0
+
     def on_reconnected(self, nc: Client) -> None:
+        if self.replay:
+            token = _natsio.connection_token(nc)
+            for ping in list(self._confirming):
+                if ping.token is not token:  # answered never: sent before this connection
+                    self._confirming.remove(ping)
+                    self._replay.extend(frame for batch in ping.batches for frame in batch)
+            if self._unconfirmed and self._unconfirmed_token is not token:
+                self._hold_for_replay()
+            self._replay_token = token  # the replay goes out on this connection, in slices
         self.pings.reconnected(nc)
-        self.on_wake()  # send what waited during the outage
+        self.on_wake()  # the replay first, then what waited during the outage
         if self.replay and self._unconfirmed and (self._confirmer is None or self._confirmer.done()):
             self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
 
@@ -332,6 +391,7 @@ class Pump:
         """The client dropped its buffer: count and log the loss."""
         lost, self.in_flight = self.in_flight, 0
         self._unconfirmed, self._unconfirmed_bytes = [], 0
+        self._replay.clear()
         self._confirming.clear()
         self.pings.connection_lost()
         self._lose(lost, why)
@@ -358,6 +418,8 @@ class Pump:
         if self.replay:
             frames = [f for ping in self._confirming for batch in ping.batches for f in batch]
             frames += [f for batch in self._unconfirmed for f in batch]
+            frames = list(self._replay) + frames
+            self._replay.clear()
             self._confirming.clear()
             self._unconfirmed, self._unconfirmed_bytes = [], 0
             if frames:
@@ -393,8 +455,8 @@ class Pump:
         self.in_flight = 0
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         self._confirming.clear()
-        left: list[Any] = self._salvaged + self.outbox.seal()
-        self._salvaged = []
+        left: list[Any] = list(self._replay) + self.outbox.seal()
+        self._replay.clear()
         return left
 
 

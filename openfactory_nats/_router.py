@@ -16,7 +16,7 @@ from typing import Any
 from ._cluster import NatsCluster
 from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from ._dispatcher import Dispatcher
-from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
+from ._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
 from ._jetstream import PubAck
 from ._loop import SharedLoop
 from ._message import Msg
@@ -285,7 +285,12 @@ class SyncClusterRouter:
         cores = {name: cluster.cluster for name, cluster in self._clusters.items()}
         for core in cores.values():
             core.check_open()
-        future = runner.submit(_each({n: make(core) for n, core in cores.items()}))
+        coro = _each({n: make(core) for n, core in cores.items()})
+        try:
+            future = runner.submit(coro)
+        except RuntimeError:  # the loop has stopped: the router is closing
+            coro.close()
+            raise ClusterClosedError(f"{action}: the router is closed") from None
         try:
             results = future.result(timeout)
         except TimeoutError:
@@ -293,6 +298,8 @@ class SyncClusterRouter:
                 raise
             future.cancel()
             raise ClusterTimeoutError(f"{action} of all clusters did not finish within {timeout:g} s") from None
+        except CancelledError:  # close() stopped the loop under the call
+            raise ClusterClosedError(f"{action}: the router was closed meanwhile") from None
         _raise_failures(results, action)
 
     def connect(self, timeout: float | None = None) -> None:

@@ -203,7 +203,7 @@ class SyncNatsCluster:
             return self._publish_acked(subject, payload, timeout, headers, msg_id)
         if self._forked:
             self._renew_after_fork()
-        if threading.get_ident() == self._loop_ident:
+        if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         wait = self._timeout if timeout is None else check_timeout(timeout)
         if not self._core.offer(subject, payload, headers, wait):

@@ -113,6 +113,9 @@ def test_bench_smoke_run() -> None:
     assert row["size"] == 128 and row["plain"] > 0 and row["facade_1_ratio"] > 0 and row["facade_8_ratio"] > 0
     assert data["latency"]["received"] == data["latency"]["expected"] == 2000
     assert data["machine"]["nats_py"]
+    receive = data["receive"]
+    assert receive["messages"] == 3000 and receive["facade_callback_ratio"] > 0 and receive["facade_iterator_ratio"] > 0
+    assert receive["latency"]["received"] == receive["latency"]["expected"] == 2000
 
 
 def test_ack_stores_every_line_in_the_stream(jetstream_server: NatsServer) -> None:
@@ -134,7 +137,9 @@ def test_sub_prints_messages_and_exits_after_count(server: NatsServer) -> None:
     )
     try:
         deadline = time.monotonic() + 10
-        while server.monitor("subsz")["num_subscriptions"] < 1:
+        while not any(
+            "cli.>" in c.get("subscriptions_list", []) for c in server.monitor("connz?subs=1")["connections"]
+        ):
             assert time.monotonic() < deadline, "the sub command did not subscribe"
             time.sleep(0.05)
         for args in (["cli.a", "hello"], ["--header", "K=v", "cli.b", "x"]):
