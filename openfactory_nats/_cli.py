@@ -123,8 +123,8 @@ def _demo(args: argparse.Namespace) -> int:
                     embedded.append(EmbeddedServer(f"demo-{i + 1}").start())
             except FileNotFoundError as exc:
                 raise CliError(str(exc)) from exc
-            urls = ", ".join(s.url for s in embedded)
-            print(f"embedded nats-server{'s' if len(embedded) > 1 else ''} on {urls}", file=sys.stderr)
+            listed = ", ".join(s.url for s in embedded)
+            print(f"embedded nats-server{'s' if len(embedded) > 1 else ''} on {listed}", file=sys.stderr)
             runs.append({"demo": [embedded[0].url]})
             if len(embedded) > 1:
                 runs.append({f"C{i + 1}": [s.url] for i, s in enumerate(embedded)})
@@ -142,6 +142,13 @@ def _demo(args: argparse.Namespace) -> int:
             )
             print(result.summary(), flush=True)
             ok = ok and result.ok
+        if not args.from_env:
+            from ._demo_receive import run_receive_demo
+
+            first: list[str] = args.servers if args.servers is not None else [embedded[0].url]
+            received, summary = run_receive_demo(first, timeout=args.timeout, options=credentials_from_env())
+            print(summary, flush=True)
+            ok = ok and received
     finally:
         for server in embedded:
             server.close()

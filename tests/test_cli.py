@@ -82,6 +82,7 @@ def test_demo_exits_zero_on_the_embedded_servers() -> None:
     out = result.stdout.decode()
     assert "== one cluster" in out and "== router over 3 clusters" in out
     assert out.count("delivered  1500 of 1500, per-thread order kept, 0 duplicates, 0 on the wrong cluster: OK") == 2
+    assert "== receive" in out and out.count("5000 of 5000") == 2 and out.count("per-asset order kept: OK") == 2
     assert "embedded nats-servers on nats://127.0.0.1:" in result.stderr.decode()
 
 
@@ -101,7 +102,8 @@ def test_demo_routes_over_clusters_from_the_environment(server: NatsServer) -> N
 def test_demo_against_given_servers(server: NatsServer) -> None:
     result = run(["demo", "--servers", server.url, "--threads", "2", "--messages", "200", "--rate", "0"])
     assert result.returncode == 0, result.stderr
-    assert server.monitor("varz")["in_msgs"] == 400
+    # 400 from the publishing section, 5,000 from the receive section
+    assert server.monitor("varz")["in_msgs"] == 400 + 5000
 
 
 def test_bench_smoke_run() -> None:
