@@ -20,6 +20,7 @@ from ._connection import CALLBACKS, describe, open_client
 from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from ._errors import (
     BufferFullError,
+    ClusterClosedError,
     ClusterTimeoutError,
     ClusterUnavailableError,
     ConnectTimeoutError,
@@ -30,12 +31,14 @@ from ._errors import (
 from ._filters import validate_filter, validate_queue
 from ._jetstream import MSG_ID_HEADER, PubAck, check_msg_id, new_msg_id, publish_acked
 from ._lifecycle import ClusterState, Lifecycle, Phase
+from ._message import Msg
 from ._pump import Pump
 from ._receiving import Receiver, Receivers, Sink
 from ._redact import redact_url
+from ._requests import Replies, Waiter, build_request_frame, check_reply
 from ._stats import Stats
 from ._subscription import AsyncCallback, AsyncSubscription
-from ._wire import build_frame, check_timeout, frame_size, payload_bytes
+from ._wire import build_frame, check_timeout, encode_headers, frame_size, payload_bytes, subject_bytes
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
@@ -124,7 +127,9 @@ class NatsCluster:
             fast=self._fast,
             replay=replay_unconfirmed,
         )
-        self._life = Lifecycle(name, logger, on_close=self._pump.outbox.shut)
+        self._life = Lifecycle(name, logger, on_close=self._refuse_new)
+        self._replies: Replies | None = None
+        self._replies_task: asyncio.Task[None] | None = None
         self._receivers = Receivers(name, logger, self._fast)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
         self._js: Any = None
@@ -174,7 +179,8 @@ class NatsCluster:
         consumer; reported at WARNING) and ``callback_errors`` raised by subscription
         callbacks (logged at ERROR); and the gauges ``queued`` messages not yet handed to
         the client, ``unsent_bytes`` handed to it but not yet written to the socket (with
-        replay: not yet confirmed) and ``subscriptions``.
+        replay: not yet confirmed) and ``subscriptions``; ``requests`` sent and
+        ``late_replies`` that came after their requester had given up (dropped).
         """
         result = self._stats.snapshot()
         result["queued"] = len(self._pump.outbox)
@@ -184,7 +190,15 @@ class NatsCluster:
         result["receive_dropped"] = dropped
         result["callback_errors"] = errors
         result["subscriptions"] = len(self._receivers)
+        result["late_replies"] = self._replies.late if self._replies is not None else 0
         return result
+
+    def _refuse_new(self) -> None:
+        """Closing has begun (any thread): refuse new messages, and end the requests
+        waiting for a reply at once."""
+        self._pump.outbox.shut()
+        if self._replies is not None:
+            self._replies.fail_all(ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name))
 
     def _attached(self) -> Client | None:
         """The client messages go to: the open one, or the one being drained."""
@@ -493,6 +507,88 @@ class NatsCluster:
 
     def _lost_error(self, what: str) -> ClusterUnavailableError:
         return ClusterUnavailableError(f"cluster {self.name!r}: connection lost during {what}", cluster=self.name)
+
+    # -- requests ------------------------------------------------------------------
+    def replies(self) -> Replies | None:
+        """The reply inbox, once subscribed (any thread)."""
+        task = self._replies_task
+        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
+            return self._replies
+        return None
+
+    async def ensure_replies(self, timeout: float) -> Replies:
+        """Subscribe the reply inbox (once), within *timeout* s."""
+        self._life.check_open()
+        self._adopt_loop()
+        task = self._replies_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            replies = self._replies = Replies(self.name)
+            receiver = Receiver(replies.subject, None, replies, None)
+            task = self._replies_task = asyncio.get_running_loop().create_task(self.add_receiver(receiver, timeout))
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise ClusterTimeoutError(
+                f"cluster {self.name!r}: could not subscribe the reply inbox within {timeout:g} s", cluster=self.name
+            )
+        task.result()
+        assert self._replies is not None
+        return self._replies
+
+    def offer_request(self, subject: object, reply: bytes, payload: object, headers: object, timeout: float) -> bool:
+        """Queue a request frame (any thread), as :meth:`offer` does a message."""
+        if self._life.phase is not _OPEN:
+            self._life.check_open()
+            return False
+        build_frame(subject, payload, headers, self._max_payload)  # validation
+        block = encode_headers(headers) if headers is not None else None
+        frame = build_request_frame(subject_bytes(subject), reply, payload_bytes(payload), block)
+        try:
+            self._pump.outbox.put(frame, len(frame), timeout)
+        except BufferFullError:
+            self._stats.add("refused")
+            raise
+        self._stats.add("requests")
+        return True
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 10.0,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request and return the reply (see :meth:`SyncNatsCluster.request`).
+
+        :raises NoRespondersError: when nobody listens on *subject*.
+        :raises ServiceError: when the service answered with an error.
+        :raises ClusterTimeoutError: when no reply came within *timeout* s.
+        :raises BufferFullError: when the outgoing buffer is full.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        """
+        self._life.check_open()
+        wait = check_timeout(timeout)
+        self.prepare(subject, payload, headers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        replies = await self.ensure_replies(wait)
+        waiter = replies.expect(loop.create_future())
+        try:
+            while not self.offer_request(subject, replies.reply_to(waiter), payload, headers, 0.0):
+                await self._connect(max(0.0, deadline - loop.time()))
+            done, _ = await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            replies.forget(waiter)
+        return self._outcome(subject, waiter, done, wait)
+
+    def _outcome(self, subject: str, waiter: Waiter, answered: object, wait: float) -> Msg:
+        if waiter.error is not None:
+            raise waiter.error
+        if not answered or waiter.msg is None:
+            raise ClusterTimeoutError(
+                f"cluster {self.name!r}: no reply to {subject!r} within {wait:g} s", cluster=self.name
+            )
+        return check_reply(self.name, subject, waiter.msg)
 
     # -- subscribing ---------------------------------------------------------------
     async def subscribe(

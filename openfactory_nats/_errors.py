@@ -13,6 +13,8 @@ built-in exception that users already catch::
     │   │   └── SubscriptionClosedError      the subscription was closed (and is empty)
     │   └── PublishError                     the client refused a message
     ├── SubscriptionModeError (RuntimeError) next_msg on a subscription with a callback
+    ├── NoRespondersError                    nobody listens on a request's subject
+    ├── ServiceError                         the service answered a request with an error
     ├── WrongThreadError (RuntimeError)      a blocking call on the event-loop thread
     └── ClusterTimeoutError (TimeoutError)   an operation ran out of time
         └── BufferFullError                  no room in the bounded outgoing buffer
@@ -34,7 +36,9 @@ __all__ = (
     "InvalidMessageError",
     "InvalidTypeError",
     "NatsClusterError",
+    "NoRespondersError",
     "PublishError",
+    "ServiceError",
     "SubscriptionClosedError",
     "SubscriptionModeError",
     "WrongThreadError",
@@ -93,6 +97,23 @@ class SubscriptionClosedError(ClusterClosedError):
 
 class SubscriptionModeError(NatsClusterError, RuntimeError):
     """A pull method was called on a subscription that has a callback."""
+
+
+class NoRespondersError(NatsClusterError):
+    """Nobody listens on the subject of a request (the server said so at once)."""
+
+
+class ServiceError(NatsClusterError):
+    """The service answered a request with an error (the NATS services error headers).
+
+    :ivar code: the ``Nats-Service-Error-Code`` (500 when a handler raised).
+    :ivar description: the ``Nats-Service-Error`` text.
+    """
+
+    def __init__(self, message: str, *, cluster: str | None, code: int, description: str) -> None:
+        super().__init__(message, cluster=cluster)
+        self.code = code
+        self.description = description
 
 
 class WrongThreadError(NatsClusterError, RuntimeError):

@@ -19,6 +19,7 @@ COUNTERS = (
     "dropped",
     "dropped_bytes",
     "refused",
+    "requests",
 )
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -49,6 +50,8 @@ class Subscription:
         self._inbox = inbox
         self._timeout = timeout
         self._pid = os.getpid()
+        #: Threads that read this subscription (``serve``): joined when it ends.
+        self._threads: list[threading.Thread] = []
 
     def __repr__(self) -> str:
         return f"<Subscription {self.subject!r} queue={self.queue!r} on {self._name!r}>"
@@ -123,9 +126,16 @@ class Subscription:
             return
         wait = self._timeout if timeout is None else check_timeout(timeout)
         self._parts[0][0]._check_thread()
+        deadline = time.monotonic() + wait
         self._inbox.close(drain=False, timeout=wait)
         for owner, receiver in self._parts:
-            owner._remove(receiver, drain=False, timeout=wait)
+            owner._remove(receiver, drain=False, timeout=max(0.0, deadline - time.monotonic()))
+        self._join(deadline)
+
+    def _join(self, deadline: float) -> None:
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def drain(self, timeout: float | None = None) -> None:
         """Stop receiving, and let what the server already sent be processed, for up to
@@ -140,7 +150,9 @@ class Subscription:
         deadline = time.monotonic() + wait
         for owner, receiver in self._parts:
             owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic()))
-        if not self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic())):
+        drained = self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
+        self._join(deadline)
+        if not drained:
             if self._inbox.pending or not self._inbox.closed:
                 raise ClusterTimeoutError(
                     f"cluster {self._name!r}: subscription {self.subject!r} not drained within {wait:g} s",

@@ -30,6 +30,7 @@ from ._lifecycle import ClusterState
 from ._loop import LoopThread, SharedLoop, keep_inherited
 from ._message import Msg
 from ._receiving import Receiver
+from ._serving import Handler, check_workers, start_workers
 from ._subscription import Subscription, open_subscription
 from ._wire import check_timeout
 
@@ -72,6 +73,7 @@ class SyncNatsCluster:
         self._forked = False
         self._fork_lock = threading.Lock()
         self._dispatchers: list[Dispatcher] = []
+        self._workers: list[threading.Thread] = []
         self._start()
         _instances.add(self)
 
@@ -88,7 +90,16 @@ class SyncNatsCluster:
         wait = min(self._timeout, _AT_EXIT_TIMEOUT)
         self._close_lock = threading.Lock()  # concurrent closes wait for the first one
         self._finalizer = weakref.finalize(
-            self, _shutdown, self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers
+            self,
+            _shutdown,
+            self._core,
+            self._runner,
+            owns,
+            wait,
+            os.getpid(),
+            self._close_lock,
+            self._dispatchers,
+            self._workers,
         )
 
     def __repr__(self) -> str:
@@ -262,7 +273,7 @@ class SyncNatsCluster:
             self._renew_after_fork()
         _instances.discard(self)
         owns = self._shared_loop is None
-        _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers)
+        _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers, self._workers)
 
     # -- receiving -------------------------------------------------------------------
     def subscribe(
@@ -319,6 +330,74 @@ class SyncNatsCluster:
             except RuntimeError:
                 coro.close()
             raise
+
+    def serve(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str | None = None,
+        workers: int = 1,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Answer the requests sent to *subject*: ``handler(msg)`` runs on *workers*
+        threads (never the event loop; concurrently when *workers* > 1) and returns the
+        reply, ``bytes`` or ``(bytes, headers)``, which the library sends. A handler that
+        raises is logged with its traceback and answered at once with the headers
+        ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500`` (the requester gets a
+        :class:`ServiceError`). Give a *queue* to spread requests over processes.
+        Unsubscribing (or closing the cluster) stops the workers and joins them.
+
+        :raises InvalidMessageError, InvalidTypeError: for bad arguments.
+        :raises ConnectError, ClusterTimeoutError, ClusterClosedError, WrongThreadError:
+            as :meth:`subscribe`.
+        """
+        count = check_workers(handler, workers)
+        sub = self.subscribe(subject, queue=queue, timeout=timeout)
+        threads = start_workers(
+            sub._inbox.__iter__, handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"
+        )
+        sub._threads = threads
+        self._workers.extend(threads)
+        return sub
+
+    def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request to *subject* and return the reply. Any number of threads may
+        request at once; replies come through one inbox subscription. During an outage
+        it waits, within *timeout*, for the reconnection.
+
+        :raises NoRespondersError: at once, when nobody listens on *subject*.
+        :raises ServiceError: when the service answered with an error (``code``,
+            ``description``).
+        :raises ClusterTimeoutError: when no reply came within *timeout* s (a reply
+            coming later is dropped).
+        :raises InvalidMessageError, InvalidTypeError: for a bad subject, payload or headers.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        :raises WrongThreadError: on the event-loop thread.
+        """
+        wait = self._wait(timeout)
+        core = self._enter()
+        deadline = time.monotonic() + wait
+        core.prepare(subject, payload, headers)
+        replies = core.replies()
+        if replies is None:
+            replies = self._call(core.ensure_replies(wait), wait + 1.0)
+        waiter = replies.expect()
+        try:
+            reply_to = replies.reply_to(waiter)
+            while not core.offer_request(subject, reply_to, payload, headers, max(0.0, deadline - time.monotonic())):
+                self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
+            answered = waiter.wait(deadline - time.monotonic())
+        finally:
+            replies.forget(waiter)
+        return core._outcome(subject, waiter, answered, wait)
 
     def dispatcher(self, threads: int = 4) -> Dispatcher:
         """Worker threads to share among subscriptions with callbacks (pass it as
@@ -418,6 +497,7 @@ def _shutdown(
     pid: int,
     lock: threading.Lock,
     dispatchers: list[Dispatcher],
+    workers: list[threading.Thread],
 ) -> None:
     """Close *core* within *wait* s (plus a margin for the abort of a late drain), let
     the subscriptions deliver what they hold within the same time and join their
@@ -444,6 +524,9 @@ def _shutdown(
             sink.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
         for dispatcher in dispatchers:
             dispatcher.close(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, deadline - time.monotonic()))
     finally:
         lock.release()
 
