@@ -21,6 +21,7 @@ from ._jetstream import PubAck
 from ._loop import SharedLoop
 from ._message import Msg
 from ._ring import HashRing
+from ._serving import Handler
 from ._subscription import Subscription, open_subscription
 from ._sync import SyncNatsCluster
 from ._wire import check_timeout
@@ -243,6 +244,22 @@ class SyncClusterRouter:
     ) -> Subscription:
         """Subscribe on the cluster that owns *key* (see :meth:`SyncNatsCluster.subscribe`)."""
         return self._clusters[self.ring.get(key)].subscribe(subject, callback, **options)
+
+    def request(
+        self,
+        key: str | bytes,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request on the cluster that owns *key* (see :meth:`SyncNatsCluster.request`)."""
+        return self._clusters[self.ring.get(key)].request(subject, payload, timeout, headers=headers)
+
+    def serve(self, key: str | bytes, subject: str, handler: Handler, **options: Any) -> Subscription:
+        """Answer requests on the cluster that owns *key* (see :meth:`SyncNatsCluster.serve`)."""
+        return self._clusters[self.ring.get(key)].serve(subject, handler, **options)
 
     def subscribe_all(
         self,

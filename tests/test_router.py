@@ -216,3 +216,19 @@ def test_subscribe_on_the_owning_cluster_and_on_all(three: dict[str, NatsServer]
         stats = router.stats()
         assert sum(s["received"] for s in stats.values()) >= 30 + len(alive)
     everything.unsubscribe()  # after close: nothing to do, no error
+
+
+def test_request_and_serve_on_the_owning_cluster(three: dict[str, NatsServer], logger: logging.Logger) -> None:
+    from openfactory_nats import NoRespondersError
+
+    ids = assets(6)
+    with SyncClusterRouter({n: s.url for n, s in three.items()}, logger) as router:
+        for asset in ids:
+            router.serve(asset, f"{asset}.state", lambda m, a=asset: f"{a}:{router.cluster_for(a)}".encode())
+        for asset in ids:
+            reply = router.request(asset, f"{asset}.state", b"", timeout=5)
+            assert reply.data == f"{asset}:{router.cluster_for(asset)}".encode()
+        # the service of an asset lives on its own cluster only
+        other = next(n for n in three if n != router.cluster_for(ids[0]))
+        with pytest.raises(NoRespondersError):
+            router.clusters[other].request(f"{ids[0]}.state", b"", timeout=5)
