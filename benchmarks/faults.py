@@ -14,18 +14,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.servers import NatsServer, free_port  # noqa: E402
+from tests.servers import NatsServer, wait_for_mesh  # noqa: E402
 from tests.test_faults import run_node_failure  # noqa: E402
 
 
 def cluster3() -> list[NatsServer]:
-    ports = [free_port() for _ in range(3)]
-    nodes = [
-        NatsServer(name=f"node{i}", cluster_port=ports[i], routes=[p for j, p in enumerate(ports) if j != i])
-        for i in range(3)
-    ]
-    for node in nodes:
-        node.start()
+    """Three nodes on ports nats-server picks, each routed to those started before it."""
+    nodes: list[NatsServer] = []
+    for i in range(3):
+        routes = [n.cluster_port for n in nodes if n.cluster_port]
+        nodes.append(NatsServer(name=f"node{i}", cluster_port=0, routes=routes).start())
+    wait_for_mesh(nodes)
     return nodes
 
 

@@ -579,9 +579,10 @@ class NatsCluster:
             done, _ = await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - loop.time()))
         finally:
             replies.forget(waiter)
-        return self._outcome(subject, waiter, done, wait)
+        return self.request_outcome(subject, waiter, done, wait)
 
-    def _outcome(self, subject: str, waiter: Waiter, answered: object, wait: float) -> Msg:
+    def request_outcome(self, subject: str, waiter: Waiter, answered: object, wait: float) -> Msg:
+        """The reply *waiter* got, or the error it stands for (any thread)."""
         if waiter.error is not None:
             raise waiter.error
         if not answered or waiter.msg is None:

@@ -397,7 +397,7 @@ class SyncNatsCluster:
             answered = waiter.wait(deadline - time.monotonic())
         finally:
             replies.forget(waiter)
-        return core._outcome(subject, waiter, answered, wait)
+        return core.request_outcome(subject, waiter, answered, wait)
 
     def dispatcher(self, threads: int = 4) -> Dispatcher:
         """Worker threads to share among subscriptions with callbacks (pass it as
