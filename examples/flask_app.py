@@ -1,10 +1,14 @@
-"""A Flask app that publishes to NATS from its request handlers.
+"""A Flask app that publishes to NATS from its request handlers, and asks a NATS service.
 
 Run it under gunicorn with several workers and threads; ``--preload`` imports this module
 (and connects) in the master process before the workers are forked, which the library
 handles: each worker gets its own connection on first use.
 
     NATS_URL=nats://127.0.0.1:4222 gunicorn --preload -w 2 --threads 4 examples.flask_app:app
+
+``GET /assets/<id>/state`` asks the service answering ``assets.<id>.state`` (try
+``openfactory-nats reply --servers $NATS_URL --text '{"state": "ok"}' 'assets.*.state'``):
+503 when nobody serves it, 504 when it does not answer within 2 s.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 
 from flask import Flask, request
 
-from openfactory_nats import SyncNatsCluster
+from openfactory_nats import ClusterTimeoutError, NoRespondersError, ServiceError, SyncNatsCluster
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
 log = logging.getLogger("flask_app")
@@ -34,3 +38,21 @@ def publish_asset(asset_id: str) -> tuple[dict[str, object], int]:
     except (RuntimeError, TimeoutError) as exc:
         return {"error": str(exc)}, 503
     return {"published": asset_id, "pid": os.getpid()}, 202
+
+
+@app.get("/assets/<asset_id>/state")
+def asset_state(asset_id: str) -> tuple[bytes | dict[str, object], int]:
+    """The asset's state, as the service answering ``assets.<id>.state`` replies."""
+    try:
+        reply = nats.request(f"assets.{asset_id}.state", b"", timeout=2)
+    except (ValueError, TypeError) as exc:
+        return {"error": str(exc)}, 400
+    except NoRespondersError:
+        return {"error": "no service answers for this asset"}, 503
+    except ClusterTimeoutError:
+        return {"error": "the service did not answer in time"}, 504
+    except ServiceError as exc:
+        return {"error": exc.description, "code": exc.code}, 502
+    except RuntimeError as exc:
+        return {"error": str(exc)}, 503
+    return reply.data, 200

@@ -1,4 +1,5 @@
-"""Publish throughput, latency and memory, side by side with plain nats-py.
+"""Publish throughput, latency and memory (and, through the other bench modules, receiving
+and request/reply), side by side with plain nats-py.
 
 Every facade figure is reported as a ratio to plain nats-py asyncio publishing measured in
 the same run against the same server; rounds alternate between the paths and medians are
@@ -28,6 +29,7 @@ from typing import Any
 import nats
 
 from ._bench_receive import format_receive, receive_benchmark
+from ._bench_requests import format_requests, requests_benchmark
 from ._embedded import EmbeddedServer
 from ._errors import BufferFullError
 from ._sync import SyncNatsCluster
@@ -52,6 +54,8 @@ class BenchConfig:
     latency_rate: int = 10_000
     stall: bool = True
     receive: bool = True
+    #: Requests per request/reply measurement; 0 skips them.
+    requests: int = 2000
     stall_cap: int = 64 * _MIB
     byte_budget: int = 256 * _MIB
     samples: dict[str, list[float]] = field(default_factory=dict)
@@ -313,6 +317,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda 
             results["receive"] = receive_benchmark(
                 url, config.messages, 128, config.rounds, config.latency_seconds, progress
             )
+        if config.requests:
+            results["requests"] = requests_benchmark(url, config.requests, 128, config.rounds, progress)
         if config.latency_seconds > 0:
             progress(f"latency: {config.latency_rate} msgs/s for {config.latency_seconds:g} s")
             results["latency"] = _latency(url, config.latency_seconds, config.latency_rate)
@@ -370,6 +376,8 @@ def format_table(results: dict[str, Any]) -> str:
         )
     if "receive" in results:
         lines += format_receive(results["receive"])
+    if "requests" in results:
+        lines += format_requests(results["requests"])
     return "\n".join(line.rstrip() for line in lines)
 
 

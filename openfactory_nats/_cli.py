@@ -1,4 +1,4 @@
-"""The ``openfactory-nats`` command: ``demo``, ``publish``, ``sub`` and ``bench``."""
+"""The ``openfactory-nats`` command: ``demo``, ``publish``, ``sub``, ``req``, ``reply`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -90,6 +90,26 @@ def _parser() -> argparse.ArgumentParser:
     rcv.add_argument("--count", type=int, help="exit 0 after this many messages")
     rcv.add_argument("subject")
 
+    req = sub.add_parser("req", help="send a request to SUBJECT and print the reply")
+    req.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    req.add_argument("--timeout", type=float, default=10.0, help="seconds to connect, then to wait for the reply")
+    req.add_argument("--servers", type=_servers, required=True)
+    req.add_argument("--header", "--headers", dest="headers", type=_header, action="append", default=[],
+                     metavar="NAME=VALUE", help="a request header (repeatable)")  # fmt: skip
+    req.add_argument("subject")
+    req.add_argument("payload", nargs="?", default="")
+
+    rep = sub.add_parser("reply", help="answer the requests sent to SUBJECT")
+    rep.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    rep.add_argument("--timeout", type=float, help="exit 1 when the requests did not come within S s (default: wait)")
+    rep.add_argument("--servers", type=_servers, required=True)
+    answer = rep.add_mutually_exclusive_group(required=True)
+    answer.add_argument("--echo", action="store_true", help="answer with the request's payload")
+    answer.add_argument("--text", help="answer with TEXT")
+    rep.add_argument("--queue", help="join this queue group")
+    rep.add_argument("--count", type=int, help="exit 0 after answering this many requests")
+    rep.add_argument("subject")
+
     bench = sub.add_parser("bench", parents=[common], help="measure throughput next to plain nats-py")
     bench.add_argument("--servers", type=_servers, help="a server to measure against (default: embedded)")
     bench.add_argument("--messages", type=int, default=200_000)
@@ -98,6 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-seconds", type=float, default=3.0)
     bench.add_argument("--no-stall", action="store_true", help="skip the stalled-server memory test")
     bench.add_argument("--no-receive", action="store_true", help="skip the receive measurements")
+    bench.add_argument("--no-requests", action="store_true", help="skip the request/reply measurements")
+    bench.add_argument("--requests", type=int, default=2000, help="requests per request/reply measurement")
     bench.add_argument("--json", action="store_true", help="print machine-readable results")
     return parser
 
@@ -149,6 +171,11 @@ def _demo(args: argparse.Namespace) -> int:
             received, summary = run_receive_demo(first, timeout=args.timeout, options=credentials_from_env())
             print(summary, flush=True)
             ok = ok and received
+            from ._demo_requests import run_request_demo
+
+            answered, summary = run_request_demo(first, timeout=args.timeout, options=credentials_from_env())
+            print(summary, flush=True)
+            ok = ok and answered
     finally:
         for server in embedded:
             server.close()
@@ -214,6 +241,43 @@ def _sub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _req(args: argparse.Namespace) -> int:
+    with SyncNatsCluster("cli", args.servers, _log, timeout=args.timeout, connect_timeout=args.timeout,
+                         **credentials_from_env()) as cluster:  # fmt: skip
+        reply = cluster.request(args.subject, args.payload.encode(), args.timeout, headers=dict(args.headers) or None)
+    print(format_message(reply), flush=True)
+    return 0
+
+
+def _reply(args: argparse.Namespace) -> int:
+    # A pull loop rather than serve(): with --count, exactly that many requests are
+    # answered, each before the process exits.
+    if args.count is not None and args.count < 1:
+        raise CliError("--count must be at least 1", 2)
+    text = None if args.echo else args.text.encode()
+    step = 10.0 if args.timeout is None else args.timeout
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    answered = 0
+    with SyncNatsCluster("cli", args.servers, _log, timeout=step, connect_timeout=step,
+                         **credentials_from_env()) as cluster:  # fmt: skip
+        sub = cluster.subscribe(args.subject, queue=args.queue)
+        while args.count is None or answered < args.count:
+            wait = 3600.0 if deadline is None else deadline - time.monotonic()
+            try:
+                msg = sub.next_msg(timeout=max(0.0, wait))
+            except TimeoutError:
+                if deadline is None:
+                    continue
+                raise CliError(f"{answered} request(s) on {args.subject!r} within {args.timeout:g} s") from None
+            if msg.reply is None:
+                continue  # a plain message: nobody to answer
+            msg.respond(msg.data if text is None else text)
+            print(format_message(msg), flush=True)
+            answered += 1
+        cluster.flush()
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from ._bench import BenchConfig, format_table, run_benchmark
 
@@ -221,6 +285,8 @@ def _bench(args: argparse.Namespace) -> int:
         sizes = tuple(int(s) for s in args.sizes.split(",") if s.strip())
     except ValueError:
         raise CliError(f"--sizes must be comma-separated integers, not {args.sizes!r}", 2) from None
+    if args.requests < 8:
+        raise CliError("--requests must be at least 8", 2)
     config = BenchConfig(
         servers=args.servers,
         messages=args.messages,
@@ -229,6 +295,7 @@ def _bench(args: argparse.Namespace) -> int:
         latency_seconds=args.latency_seconds,
         stall=not args.no_stall,
         receive=not args.no_receive,
+        requests=0 if args.no_requests else args.requests,
     )
     results = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
@@ -242,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.timeout is not None and args.timeout <= 0:
             raise CliError("--timeout must be positive", 2)
-        handler = {"demo": _demo, "publish": _publish, "sub": _sub, "bench": _bench}[args.command]
-        return handler(args)
+        handler = {"demo": _demo, "publish": _publish, "sub": _sub, "req": _req, "reply": _reply, "bench": _bench}
+        return handler[args.command](args)
     except CliError as exc:
         print(f"openfactory-nats: error: {exc}", file=sys.stderr)
         return exc.status

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 from typing import Any
+
+from openfactory_nats import Msg, SyncNatsCluster
 
 from .servers import NatsServer, create_stream, free_port, stream_count
 
@@ -83,6 +86,8 @@ def test_demo_exits_zero_on_the_embedded_servers() -> None:
     assert "== one cluster" in out and "== router over 3 clusters" in out
     assert out.count("delivered  1500 of 1500, per-thread order kept, 0 duplicates, 0 on the wrong cluster: OK") == 2
     assert "== receive" in out and out.count("5000 of 5000") == 2 and out.count("per-asset order kept: OK") == 2
+    assert "== request/reply\nrequests   1000 from 4 threads to serve(workers=4): p50 " in out
+    assert "0 failed: OK" in out
     assert "embedded nats-servers on nats://127.0.0.1:" in result.stderr.decode()
 
 
@@ -102,12 +107,15 @@ def test_demo_routes_over_clusters_from_the_environment(server: NatsServer) -> N
 def test_demo_against_given_servers(server: NatsServer) -> None:
     result = run(["demo", "--servers", server.url, "--threads", "2", "--messages", "200", "--rate", "0"])
     assert result.returncode == 0, result.stderr
-    # 400 from the publishing section, 5,000 from the receive section
-    assert server.monitor("varz")["in_msgs"] == 400 + 5000
+    # 400 from the publishing section, 5,000 from the receive section, and 2 x 1,000 from
+    # the request/reply section: the server counts each request and each reply it received
+    assert server.monitor("varz")["in_msgs"] == 400 + 5000 + 2 * 1000
+    assert "0 failed: OK" in result.stdout.decode()
 
 
 def test_bench_smoke_run() -> None:
-    args = ["bench", "--messages", "3000", "--rounds", "1", "--sizes", "128", "--latency-seconds", "0.2", "--no-stall"]
+    args = ["bench", "--messages", "3000", "--rounds", "1", "--sizes", "128", "--latency-seconds", "0.2", "--no-stall",
+            "--requests", "80"]  # fmt: skip
     result = run([*args, "--json"], timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -118,6 +126,18 @@ def test_bench_smoke_run() -> None:
     receive = data["receive"]
     assert receive["messages"] == 3000 and receive["facade_callback_ratio"] > 0 and receive["facade_iterator_ratio"] > 0
     assert receive["latency"]["received"] == receive["latency"]["expected"] == 2000
+    requests = data["requests"]
+    assert requests["requests"] == 80 and requests["threads"] == 8 and requests["workers"] == 4
+    for key in ("plain_sequential_p50_ms", "facade_sequential_p99_ms", "plain_threads", "facade_serve"):
+        assert requests[key] > 0, key
+    assert requests["sequential_p50_ratio"] > 0 and requests["threads_ratio"] > 0 and requests["serve_ratio"] > 0
+    table = run([*args, "--no-receive", "--latency-seconds", "0"], timeout=120)
+    assert table.returncode == 0, table.stderr
+    out = table.stdout.decode()
+    assert "request/reply 128 B x 80" in out and "serve(workers=4)" in out
+    skipped = run([*args, "--no-receive", "--latency-seconds", "0", "--no-requests", "--json"], timeout=120)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "requests" not in json.loads(skipped.stdout)
 
 
 def test_ack_stores_every_line_in_the_stream(jetstream_server: NatsServer) -> None:
@@ -163,3 +183,93 @@ def test_sub_exits_1_when_the_timeout_passes_first(server: NatsServer) -> None:
     assert "Traceback" not in err and "within 0.5 s" in err
     bad = run(["sub", "--servers", server.url, "a..b"])
     assert bad.returncode == 2 and "Traceback" not in bad.stderr.decode()
+
+
+def _wait_for_subscription(server: NatsServer, subject: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while not any(subject in c.get("subscriptions_list", []) for c in server.monitor("connz?subs=1")["connections"]):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"nothing subscribed to {subject!r}"
+        time.sleep(0.05)
+
+
+def test_req_prints_the_reply_of_the_reply_command(server: NatsServer) -> None:
+    echo = subprocess.Popen(
+        CLI + ["reply", "--servers", server.url, "--echo", "--count", "2", "--timeout", "30", "svc.echo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    text = subprocess.Popen(
+        CLI + ["reply", "--servers", server.url, "--text", "fixed answer", "--queue", "q", "--count", "1", "svc.text"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_subscription(server, "svc.echo", echo)
+        _wait_for_subscription(server, "svc.text", text)
+        first = run(["req", "--servers", server.url, "svc.echo", "hello"])
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.decode().startswith("[_INBOX.") and first.stdout.decode().endswith("] hello\n")
+        second = run(["req", "--servers", server.url, "--header", "K=v", "--timeout", "5", "svc.echo", "again"])
+        assert second.returncode == 0, second.stderr
+        assert second.stdout.decode().endswith("] again\n")
+        answered = run(["req", "--servers", server.url, "svc.text", "anything"])
+        assert answered.returncode == 0, answered.stderr
+        assert answered.stdout.decode().endswith("] fixed answer\n")
+        out, err = echo.communicate(timeout=20)
+        assert echo.returncode == 0, err
+        assert out.decode().splitlines() == ["[svc.echo] hello", "[svc.echo] K=v again"]
+        out, err = text.communicate(timeout=20)
+        assert text.returncode == 0, err
+        assert out.decode().splitlines() == ["[svc.text] anything"]
+    finally:
+        echo.kill()
+        text.kill()
+        echo.wait(5)
+        text.wait(5)
+    # the two command processes are gone: nobody answers any more
+    gone = run(["req", "--servers", server.url, "svc.echo", "late"])
+    assert gone.returncode == 1
+
+
+def test_req_failures_are_one_line_and_status_1(
+    server: NatsServer, logger: logging.Logger, subscriber_factory: Any
+) -> None:
+    def check(result: Any, status: int, *words: str) -> None:
+        err = result.stderr.decode()
+        assert result.returncode == status, err
+        assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("openfactory-nats: error: "), err
+        assert result.stdout == b""
+        for word in words:
+            assert word in err, (word, err)
+
+    started = time.monotonic()
+    check(run(["req", "--servers", server.url, "--timeout", "30", "nobody.home", "x"]), 1, "no responders")
+    assert time.monotonic() - started < 10  # at once, not after the 30 s timeout
+
+    subscriber_factory(server.url, "silent")  # receives the request, never answers
+    started = time.monotonic()
+    check(run(["req", "--servers", server.url, "--timeout", "0.5", "silent", "x"]), 1, "no reply", "0.5 s")
+    assert time.monotonic() - started < 10
+
+    def broken(msg: Msg) -> bytes:
+        raise KeyError("sensor 7 unknown")
+
+    with SyncNatsCluster("svc", [server.url], logger) as service:
+        service.serve("broken", broken)
+        check(run(["req", "--servers", server.url, "broken"]), 1, "(500)", "KeyError", "sensor 7 unknown")
+
+    for subject in ("a..b", "a.*", "a.>", "a b"):
+        check(run(["req", "--servers", server.url, subject, "x"]), 2, "subject")
+    bad = run(["reply", "--servers", server.url, "--echo", "--count", "0", "x"])
+    assert bad.returncode == 2 and "--count" in bad.stderr.decode()
+    both = run(["reply", "--servers", server.url, "--echo", "--text", "t", "x"])
+    assert both.returncode == 2 and "not allowed with" in both.stderr.decode()
+
+
+def test_reply_exits_1_when_the_requests_did_not_come(server: NatsServer) -> None:
+    started = time.monotonic()
+    result = run(["reply", "--servers", server.url, "--echo", "--count", "1", "--timeout", "0.5", "quiet"])
+    assert result.returncode == 1 and time.monotonic() - started < 10
+    err = result.stderr.decode()
+    assert "Traceback" not in err and "0 request(s) on 'quiet' within 0.5 s" in err

@@ -270,8 +270,8 @@ def test_interpreter_exit_flushes_what_is_queued(server: NatsServer, subscriber_
 
 
 @pytest.mark.slow
-def test_gunicorn_preload_deployment(server: NatsServer, subscriber_factory: Any) -> None:
-    sub = subscriber_factory(server.url, "assets.>")
+def test_gunicorn_preload_deployment(server: NatsServer, logger: logging.Logger, subscriber_factory: Any) -> None:
+    sub = subscriber_factory(server.url, "assets.*")  # the POSTs, not the state requests
     port = free_port()
     env = dict(os.environ, NATS_URL=server.url, LOG_LEVEL="WARNING")
     proc = subprocess.Popen(
@@ -279,6 +279,13 @@ def test_gunicorn_preload_deployment(server: NatsServer, subscriber_factory: Any
          "examples.flask_app:app"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+    def state(msg: Any) -> bytes:
+        asset = msg.subject.split(".")[1]
+        if asset == "slow":
+            time.sleep(3)  # past the app's 2 s timeout
+        return b"state of " + asset.encode()
+
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -295,11 +302,28 @@ def test_gunicorn_preload_deployment(server: NatsServer, subscriber_factory: Any
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return int(resp.status)
 
+        def get(asset: str) -> tuple[int, bytes]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/assets/{asset}/state", timeout=10) as resp:
+                    return int(resp.status), resp.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+
         with ThreadPoolExecutor(8) as pool:
             statuses = list(pool.map(post, range(200)))
         assert statuses == [202] * 200
         got = sub.wait_for(200, timeout=15)
         assert sorted(int(m.data) for m in got) == list(range(200))
+
+        # Request/reply from the forked workers' threads, to a service in this process.
+        assert get("a1")[0] == 503  # nobody serves yet: no responders
+        with SyncNatsCluster("service", [server.url], logger) as service:
+            service.serve("assets.*.state", state, workers=4)
+            assets = [f"a{i}" for i in range(50)]
+            with ThreadPoolExecutor(8) as pool:
+                replies = list(pool.map(get, assets))
+            assert replies == [(200, b"state of " + a.encode()) for a in assets]
+            assert get("slow")[0] == 504
     finally:
         proc.terminate()
         try:
