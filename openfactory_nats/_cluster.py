@@ -16,7 +16,7 @@ from nats.aio.client import Client
 
 from . import _natsio
 from ._aio import bounded, quiet
-from ._connection import CALLBACKS, describe, open_client
+from ._connection import CALLBACKS, describe, is_subscription_refusal, open_client
 from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from ._errors import (
     BufferFullError,
@@ -26,6 +26,7 @@ from ._errors import (
     ConnectTimeoutError,
     InvalidMessageError,
     InvalidTypeError,
+    RefusedError,
     WrongThreadError,
 )
 from ._filters import validate_filter, validate_queue
@@ -130,6 +131,7 @@ class NatsCluster:
         self._life = Lifecycle(name, logger, on_close=self._refuse_new)
         self._replies: Replies | None = None
         self._replies_task: asyncio.Task[None] | None = None
+        self._revive: asyncio.Task[None] | None = None
         self._receivers = Receivers(name, logger, self._fast)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
         self._js: Any = None
@@ -332,7 +334,20 @@ class NatsCluster:
     def _client_closed(self, nc: Client) -> None:
         if nc is self.nc and self._life.lost():
             self._pump.lose_in_flight("nats-py closed the connection for good")
-            self.logger.error("cluster %s: connection closed by the client; will reconnect on next use", self.name)
+            if len(self._receivers):  # subscribers make no next call: come back by ourselves
+                self.logger.error("cluster %s: connection closed by the client; reconnecting", self.name)
+                self._revive = asyncio.get_running_loop().create_task(self._reconnect_receivers())
+            else:
+                self.logger.error("cluster %s: connection closed by the client; will reconnect on next use", self.name)
+
+    async def _reconnect_receivers(self) -> None:
+        """Connect again (backing off) while subscriptions wait for a client."""
+        while not self._life.closing and not self._life.accepting and len(self._receivers):
+            await asyncio.sleep(max(0.05, self.reconnect_time_wait))
+            try:
+                await self._connect(self.connect_timeout)  # subscribes them all again
+            except (ClusterUnavailableError, TimeoutError) as exc:
+                self.logger.warning("cluster %s: reconnecting for the subscriptions failed: %s", self.name, exc)
 
     def _client_discovered(self, nc: Client) -> None:
         found = [redact_url(s.geturl()) for s in nc.discovered_servers]
@@ -618,13 +633,19 @@ class NatsCluster:
         group = validate_queue(queue)
         wait = check_timeout(timeout)
         sink = AsyncSubscription(self, filt, callback, max_pending_msgs, max_pending_bytes)
-        receiver = Receiver(filt, group, sink, self._respond_from_loop)
+        receiver = Receiver(filt, group, sink, self.respond)
         sink.receiver = receiver
         await self.add_receiver(receiver, wait)
         return sink
 
-    def _respond_from_loop(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
-        if not self.offer(reply, data, headers, 0.0):
+    def respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        """What :meth:`Msg.respond` calls: queue a reply, from any thread; on the event
+        loop it never waits (a full buffer raises ``BufferFullError`` at once).
+
+        :raises ClusterUnavailableError: when no client is open (the reply is not sent).
+        """
+        on_loop = self._loop is not None and asyncio._get_running_loop() is self._loop
+        if not self.offer(reply, data, headers, 0.0 if on_loop else self.connect_timeout):
             raise self._lost_error("respond")
 
     async def add_receiver(self, receiver: Receiver, timeout: float) -> None:
@@ -645,21 +666,34 @@ class NatsCluster:
             nc = self._attached()
             if nc is None:
                 raise self._lost_error("subscribe")
+            errors, last = self._stats.get("errors"), nc.last_error
             await receiver.attach(nc, self._fast)
-            if not await self._pump.ping(nc, deadline - loop.time()):
-                if loop.time() >= deadline:
-                    raise ClusterTimeoutError(
-                        f"cluster {self.name!r}: the server did not confirm the subscription to "
-                        f"{receiver.subject!r} within {timeout:g} s",
-                        cluster=self.name,
-                    )
+            answered = await self._pump.ping(nc, deadline - loop.time())
+            # The server reports a refused SUB before the PONG: permissions through
+            # error_cb; limits only in last_error (nats-py then closes its client).
+            refusal = self._last_error if self._stats.get("errors") != errors else None
+            if nc.last_error is not last:
+                refusal = nc.last_error or refusal
+            if refusal is not None and is_subscription_refusal(refusal):
+                raise RefusedError(
+                    f"cluster {self.name!r}: the server refused the subscription to {receiver.subject!r}: "
+                    f"{describe(refusal)}",
+                    cluster=self.name,
+                ) from refusal
+            if not answered and loop.time() >= deadline:
+                raise ClusterTimeoutError(
+                    f"cluster {self.name!r}: the server did not confirm the subscription to "
+                    f"{receiver.subject!r} within {timeout:g} s",
+                    cluster=self.name,
+                )
         except BaseException:
             await self._receivers.remove(receiver, drain=False)
             raise
 
-    async def remove_receiver(self, receiver: Receiver, drain: bool) -> None:
-        """Unsubscribe *receiver*; with *drain*, first receive what the server sent."""
-        await self._receivers.remove(receiver, drain)
+    async def remove_receiver(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
+        """Unsubscribe *receiver*; with *drain*, first receive what the server sent
+        (within *timeout* s). False when the drain ran out of time."""
+        return await self._receivers.remove(receiver, drain, timeout)
 
     def sinks(self) -> list[Sink]:
         """Where the subscriptions of this cluster deliver (any thread)."""

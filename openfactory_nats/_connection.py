@@ -22,7 +22,7 @@ from ._redact import redact
 if TYPE_CHECKING:
     from ._cluster import NatsCluster
 
-__all__ = ("CALLBACKS", "describe", "is_refusal", "open_client")
+__all__ = ("CALLBACKS", "describe", "is_refusal", "is_subscription_refusal", "open_client")
 
 CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "discovered_server_cb", "lame_duck_mode_cb")
 
@@ -38,6 +38,12 @@ def is_refusal(exc: BaseException) -> bool:
         or "certificate verify failed" in text
         or ("authentication" in text and ("expired" in text or "timeout" in text or "fail" in text))
     )
+
+
+def is_subscription_refusal(exc: BaseException) -> bool:
+    """True for the server's refusal of a subscription (permissions, limits)."""
+    text = str(exc).lower()
+    return "permissions violation for subscription" in text or "maximum subscriptions exceeded" in text
 
 
 def describe(exc: BaseException) -> str:

@@ -188,6 +188,11 @@ class Inbox:
         """True once :meth:`close` has been called (messages may still be delivered while draining)."""
         return self._state is not _OPEN
 
+    @property
+    def in_callback(self) -> bool:
+        """True on a thread that delivers this inbox's messages (its callback's thread)."""
+        return self._dispatcher is not None and self._dispatcher.is_worker()
+
     # -- the event-loop side -----------------------------------------------------------
     def offer(self, batch: list[Msg]) -> None:
         """Queue what fits of *batch* and wake the consumer once. Never blocks.

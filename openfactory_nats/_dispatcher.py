@@ -32,7 +32,21 @@ from ._wire import check_timeout
 if TYPE_CHECKING:
     from ._delivery import Inbox
 
-__all__ = ("DEFAULT_BATCH", "Dispatcher")
+__all__ = ("DEFAULT_BATCH", "Dispatcher", "delivering", "mark_delivering")
+
+_local = threading.local()
+
+
+def mark_delivering() -> None:
+    """Mark the calling thread as one that runs user callbacks or handlers."""
+    _local.delivering = True
+
+
+def delivering() -> bool:
+    """True on a thread that runs user callbacks or handlers (a close() made there must
+    not wait for the deliveries to end: it would wait for itself)."""
+    return bool(getattr(_local, "delivering", False))
+
 
 #: Messages of one subscription a worker delivers before it turns to the next one.
 DEFAULT_BATCH = 256
@@ -154,6 +168,7 @@ class Dispatcher:
         inbox._finish()
 
     def _work(self) -> None:
+        mark_delivering()
         get = self._runq.get
         batch = self.batch
         while True:

@@ -11,6 +11,7 @@ built-in exception that users already catch::
     │   │   └── ConnectTimeoutError (TimeoutError)
     │   ├── ClusterClosedError               the instance was closed
     │   │   └── SubscriptionClosedError      the subscription was closed (and is empty)
+    │   ├── RefusedError                     the server refused it (permissions, limits)
     │   └── PublishError                     the client refused a message
     ├── SubscriptionModeError (RuntimeError) next_msg on a subscription with a callback
     ├── NoRespondersError                    nobody listens on a request's subject
@@ -38,6 +39,7 @@ __all__ = (
     "NatsClusterError",
     "NoRespondersError",
     "PublishError",
+    "RefusedError",
     "ServiceError",
     "SubscriptionClosedError",
     "SubscriptionModeError",
@@ -78,6 +80,10 @@ class ConnectTimeoutError(ConnectError, TimeoutError):
 
 class ClusterClosedError(ClusterUnavailableError):
     """The instance has been closed; it cannot be used again."""
+
+
+class RefusedError(ClusterUnavailableError):
+    """The server refused the operation (permissions, limits)."""
 
 
 class PublishError(ClusterUnavailableError):

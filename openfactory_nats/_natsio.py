@@ -24,6 +24,7 @@ __all__ = (
     "buffered_bytes",
     "connection_token",
     "divert_pending",
+    "drain_subscription",
     "pending_bytes",
     "pending_ids",
     "pending_publish_frames",
@@ -53,6 +54,25 @@ def supports_fast_path() -> bool:
     except TypeError:
         return False
     return isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
+
+
+async def drain_subscription(nc: Client, sub: Subscription, timeout: float) -> bool:
+    """Unsubscribe *sub* so that what the server sent before is still received: UNSUB,
+    then a PING that is never cancelled (the messages routed before the UNSUB arrive
+    before its PONG), then forget the subscription. nats-py's own ``drain`` waits with a
+    flush that, timed out or cancelled, leaves a cancelled future in its PONG queue and
+    so kills its read loop. True when the PONG came within *timeout* s.
+    """
+    answered = False
+    if nc.is_connected:
+        await nc._send_unsubscribe(sub._id)
+        sent = send_ping(nc)
+        if sent is not None:
+            done, _ = await asyncio.wait({sent[0]}, timeout=max(0.0, timeout))
+            answered = bool(done)
+    nc._remove_sub(sub._id)
+    sub._closed = True
+    return answered
 
 
 def divert_pending(sub: Subscription, queue: Any) -> None:

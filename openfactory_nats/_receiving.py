@@ -60,6 +60,8 @@ class Receiver:
         self.responder = responder
         self.received = 0
         self._sub: Any = None
+        self._nc: Client | None = None
+        self._fast = False
         self._batch: list[NatsMsg] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +104,7 @@ class Receiver:
     async def attach(self, nc: Client, fast: bool) -> None:
         """Subscribe on client *nc* (limits are ours: nats-py's are switched off)."""
         self._loop = asyncio.get_running_loop()
+        self._nc, self._fast = nc, fast
         if fast:
             sub = await nc.subscribe(self.subject, queue=self.queue or "", pending_msgs_limit=0, pending_bytes_limit=0)
             _natsio.divert_pending(sub, self)
@@ -115,17 +118,20 @@ class Receiver:
         """The client this receiver was subscribed on is gone."""
         self._sub = None
 
-    async def detach(self, drain: bool) -> None:
-        """Stop receiving; with *drain*, first receive what the server already sent."""
+    async def detach(self, drain: bool, timeout: float) -> bool:
+        """Stop receiving; with *drain*, first receive what the server already sent
+        (within *timeout* s). True unless the drain ran out of time."""
         sub, self._sub = self._sub, None
-        if sub is None:
-            return
-        with contextlib.suppress(nats.errors.Error, OSError):
-            if drain:
-                await sub.drain()
-            else:
-                await sub.unsubscribe()
+        done = True
+        if sub is not None:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                if drain and self._fast:
+                    assert self._nc is not None
+                    done = await _natsio.drain_subscription(self._nc, sub, timeout)
+                else:
+                    await sub.unsubscribe()
         self.hand_over()
+        return done
 
 
 class Receivers:
@@ -152,10 +158,14 @@ class Receivers:
         """The sinks of the receivers registered now (any thread)."""
         return [receiver.sink for receiver in list(self._all)]
 
-    async def remove(self, receiver: Receiver, drain: bool) -> None:
-        if receiver in self._all:
+    async def remove(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
+        """Unsubscribe *receiver* (see :meth:`Receiver.detach`) and forget it."""
+        if receiver not in self._all:
+            return True
+        try:
+            return await receiver.detach(drain, timeout)
+        finally:
             self._all.discard(receiver)
-            await receiver.detach(drain)
             self._account(receiver)
 
     async def attach_all(self, nc: Client) -> None:

@@ -190,7 +190,9 @@ class SyncClusterRouter:
             for name, urls in parsed.items()
         }
         finalizers = [cluster._finalizer for cluster in self._clusters.values()]
-        self._finalizer = weakref.finalize(self, _shutdown_router, finalizers, self._loop, os.getpid())
+        self._finalizer = weakref.finalize(
+            self, _shutdown_router, finalizers, self._loop, os.getpid(), self._dispatchers
+        )
 
     @classmethod
     def from_env(
@@ -375,12 +377,17 @@ class SyncClusterRouter:
         return self._timeout if timeout is None else check_timeout(timeout)
 
 
-def _shutdown_router(finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, pid: int) -> None:
-    """A router collected, or open at exit, without close(): close its clusters, then
-    stop the loop thread they share."""
+def _shutdown_router(
+    finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, pid: int, dispatchers: list[Dispatcher]
+) -> None:
+    """A router collected, or open at exit, without close(): close its clusters, stop
+    the loop thread they share and the router's dispatchers."""
     if os.getpid() != pid:
         return
     for finalizer in finalizers:
         finalizer()
-    if not loop.forked:
+    on_loop = not loop.forked and loop.runner.in_loop_thread()
+    for dispatcher in dispatchers:
+        dispatcher.close(timeout=0 if on_loop or dispatcher.is_worker() else 2.0)
+    if not loop.forked and not on_loop:
         loop.runner.stop(1.0)

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from ._dispatcher import mark_delivering
 from ._errors import InvalidMessageError, InvalidTypeError, NatsClusterError
 from ._message import Msg
 from ._requests import error_headers
@@ -68,6 +69,7 @@ def start_workers(
 
 
 def _work(messages: Iterator[Msg], handler: Handler, logger: logging.Logger, name: str) -> None:
+    mark_delivering()
     for msg in messages:  # ends once the subscription is closed and empty
         try:
             data, headers = reply_of(handler(msg))

@@ -148,16 +148,20 @@ class Subscription:
         wait = self._timeout if timeout is None else check_timeout(timeout)
         self._parts[0][0]._check_thread()
         deadline = time.monotonic() + wait
-        for owner, receiver in self._parts:
-            owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic()))
-        drained = self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
-        self._join(deadline)
+        drained = True
+        try:
+            for owner, receiver in self._parts:
+                if not owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic())):
+                    drained = False
+        finally:  # whatever happened, the subscription ends here
+            if not self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic())):
+                drained = drained and self._inbox.in_callback  # from its own callback: it goes on after
+            self._join(deadline)
         if not drained:
-            if self._inbox.pending or not self._inbox.closed:
-                raise ClusterTimeoutError(
-                    f"cluster {self._name!r}: subscription {self.subject!r} not drained within {wait:g} s",
-                    cluster=self._name,
-                )
+            raise ClusterTimeoutError(
+                f"cluster {self._name!r}: subscription {self.subject!r} not drained within {wait:g} s",
+                cluster=self._name,
+            )
 
     def __enter__(self) -> Subscription:
         return self
@@ -186,6 +190,8 @@ def open_subscription(
     group = validate_queue(queue)
     first = clusters[0]
     first._check_thread()
+    for cluster in clusters:  # before any thread is started for the subscription
+        cluster.cluster.check_open()
     inbox = Inbox(
         name,
         filt,
@@ -194,9 +200,10 @@ def open_subscription(
         dispatcher=dispatcher,
         max_msgs=max_pending_msgs,
         max_bytes=max_pending_bytes,
-        check_thread=first._check_thread,
+        check_thread=first.thread_check(),
     )
-    parts = [(cluster, Receiver(filt, group, inbox, cluster._respond)) for cluster in clusters]
+    # The receivers reach the core only: a cluster nobody holds any more can be collected.
+    parts = [(cluster, Receiver(filt, group, inbox, cluster.cluster.respond)) for cluster in clusters]
     deadline = time.monotonic() + timeout
     done: list[tuple[SyncNatsCluster, Receiver]] = []
     try:
@@ -204,7 +211,7 @@ def open_subscription(
             cluster._add(receiver, max(0.0, deadline - time.monotonic()))
             done.append((cluster, receiver))
     except BaseException:
-        inbox.close(drain=False, timeout=0)
+        inbox.close(drain=False, timeout=1.0 if not inbox.in_callback else 0.0)  # joins its thread
         for cluster, receiver in done:
             with contextlib.suppress(NatsClusterError):
                 cluster._remove(receiver, drain=False, timeout=1.0)

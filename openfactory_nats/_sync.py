@@ -12,6 +12,7 @@ logs at ERROR what it could not deliver, and stops its loop thread.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from ._cluster import NatsCluster
 from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
-from ._dispatcher import Dispatcher
+from ._dispatcher import Dispatcher, delivering
 from ._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
 from ._jetstream import PubAck, check_msg_id
 from ._lifecycle import ClusterState
@@ -408,22 +409,24 @@ class SyncNatsCluster:
         self._dispatchers.append(made)
         return made
 
-    def _respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
-        self.publish(reply, data, headers=headers)
-
-    def _remove(self, receiver: Receiver, drain: bool, timeout: float) -> None:
-        """Unsubscribe *receiver* on the loop (nothing to do once the cluster closes)."""
+    def _remove(self, receiver: Receiver, drain: bool, timeout: float) -> bool:
+        """Unsubscribe *receiver* on the loop (nothing to do once the cluster closes);
+        False when a drain ran out of time."""
         if self._forked or self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
-            return
+            return True
         self._check_thread()
         try:
-            self._call(self._core.remove_receiver(receiver, drain), timeout)
+            return self._call(self._core.remove_receiver(receiver, drain, timeout), timeout + 1.0)
         except ClusterClosedError:
-            pass  # closing meanwhile: the close ends it
+            return True  # closing meanwhile: the close ends it
 
     def _check_thread(self) -> None:
-        if self._runner.in_loop_thread():
-            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        self.thread_check()()
+
+    def thread_check(self) -> Callable[[], None]:
+        """A function that raises ``WrongThreadError`` on this cluster's event-loop thread
+        (it holds the loop thread, not the instance)."""
+        return functools.partial(_refuse_loop_thread, self._runner, self.name)
 
     # -- helpers -------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> float:
@@ -489,6 +492,11 @@ class SyncNatsCluster:
             self._forked = False
 
 
+def _refuse_loop_thread(runner: LoopThread, name: str) -> None:
+    if runner.in_loop_thread():
+        raise WrongThreadError("This method cannot be called from the event loop thread", cluster=name)
+
+
 def _shutdown(
     core: NatsCluster,
     runner: LoopThread,
@@ -511,17 +519,27 @@ def _shutdown(
     loop = runner.loop
     if runner.in_loop_thread():  # collected on the loop thread itself: don't wait there
         task = loop.create_task(core.close(wait))
+        for dispatcher in dispatchers:
+            dispatcher.close(timeout=0)  # its threads end on their own
         if owns_loop:
             task.add_done_callback(lambda _: loop.stop())
         return
-    deadline = time.monotonic() + wait + _CLOSE_MARGIN
+    if delivering():
+        # A callback or handler closing its own cluster: it must not wait for itself (or
+        # for a close() in another thread that waits for it). Another thread finishes.
+        args = (core, runner, owns_loop, wait, pid, lock, dispatchers, workers)
+        threading.Thread(target=_shutdown, args=args, name=f"openfactory-nats-{core.name}-close", daemon=True).start()
+        return
+    started = time.monotonic()
+    deadline = started + wait + _CLOSE_MARGIN
+    drained_by = started + min(wait, core.drain_timeout)  # subscriptions drain within drain_timeout
     if not lock.acquire(timeout=wait + 2 * _CLOSE_MARGIN):
         core.logger.warning("cluster %s: another close() did not finish within %g s", core.name, wait)
         return
     try:
         _close_and_stop(core, runner, owns_loop, wait, deadline)
         for sink in sinks:
-            sink.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
+            sink.close(drain=True, timeout=max(0.0, drained_by - time.monotonic()))
         for dispatcher in dispatchers:
             dispatcher.close(max(0.0, deadline - time.monotonic()))
         for worker in workers:
