@@ -105,6 +105,8 @@ class Receiver:
         """Subscribe on client *nc* (limits are ours: nats-py's are switched off)."""
         self._loop = asyncio.get_running_loop()
         self._nc, self._fast = nc, fast
+        if self._scheduled:  # a hand-over scheduled on an event loop that ended never ran
+            self.hand_over()
         if fast:
             sub = await nc.subscribe(self.subject, queue=self.queue or "", pending_msgs_limit=0, pending_bytes_limit=0)
             _natsio.divert_pending(sub, self)

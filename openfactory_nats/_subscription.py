@@ -337,7 +337,11 @@ class AsyncSubscription:
                     f"cluster {self.cluster!r}: no message on {self.subject!r} within {limit:g} s",
                     cluster=self.cluster,
                 )
-            await asyncio.wait({asyncio.ensure_future(self._wake.wait())}, timeout=remaining)
+            woken = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({woken}, timeout=remaining)
+            finally:
+                woken.cancel()  # leave no waiting task behind
         return self._pop()
 
     def __aiter__(self) -> AsyncIterator[Msg]:
