@@ -127,6 +127,7 @@ class NatsCluster:
             wake=self._wake,
             fast=self._fast,
             replay=replay_unconfirmed,
+            still_wanted=self._still_wanted,
         )
         self._life = Lifecycle(name, logger, on_close=self._refuse_new)
         self._replies: Replies | None = None
@@ -201,6 +202,16 @@ class NatsCluster:
         self._pump.outbox.shut()
         if self._replies is not None:
             self._replies.fail_all(ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name))
+
+    def _still_wanted(self, frame: bytes) -> bool:
+        """Whether a frame lost with its connection is worth sending again: not a request
+        whose reply came already, or whose caller gave up."""
+        replies = self._replies
+        if replies is None or not frame.startswith((b"PUB ", b"HPUB ")):
+            return True
+        line = frame[: frame.find(b"\r\n")].split(b" ")
+        reply = line[2] if len(line) == (4 if line[0] == b"PUB" else 5) else b""
+        return replies.waiting(reply)
 
     def _attached(self) -> Client | None:
         """The client messages go to: the open one, or the one being drained."""

@@ -61,8 +61,10 @@ class Pump:
         wake: Callable[[], None],
         fast: bool,
         replay: bool,
+        still_wanted: Callable[[bytes], bool] = lambda frame: True,
     ) -> None:
         self.cluster = cluster
+        self._still_wanted = still_wanted
         self.logger = logger
         self.stats = stats
         self.fast = fast
@@ -368,9 +370,19 @@ class Pump:
 
     def _hold_for_replay(self) -> None:
         """The unconfirmed batches went out on a connection that is gone: keep them for
-        the next one."""
-        self._replay.extend(frame for batch in self._unconfirmed for frame in batch)
+        the next one, but for requests already answered (or given up)."""
+        wanted = self._still_wanted
+        skipped = 0
+        for batch in self._unconfirmed:
+            for frame in batch:
+                if wanted(frame):
+                    self._replay.append(frame)
+                else:
+                    skipped += len(frame)
         self._unconfirmed, self._unconfirmed_bytes = [], 0
+        if skipped:
+            self.in_flight -= skipped
+            self.outbox.release(skipped)
 
     def on_reconnected(self, nc: Client) -> None:
         if self.replay:

@@ -82,6 +82,7 @@ class Replies:
     def __init__(self, cluster: str) -> None:
         self.cluster = cluster
         self.prefix = f"_INBOX.{secrets.token_hex(11)}"
+        self._prefix_bytes = f"{self.prefix}.".encode()
         self._tokens = itertools.count(1)
         self._waiting: dict[str, Waiter] = {}
         self._closed = False
@@ -106,6 +107,14 @@ class Replies:
             self._waiting.pop(waiter.token, None)
             raise ClusterClosedError(f"cluster {self.cluster!r} is closed", cluster=self.cluster)
         return waiter
+
+    def waiting(self, reply: bytes) -> bool:
+        """False for a reply subject of this inbox that nobody waits on any more; True
+        for anything else."""
+        prefix = self._prefix_bytes
+        if not reply.startswith(prefix):
+            return True
+        return reply[len(prefix) :].decode("ascii", "replace") in self._waiting
 
     def reply_to(self, waiter: Waiter) -> bytes:
         return f"{self.prefix}.{waiter.token}".encode()

@@ -409,3 +409,34 @@ def test_the_async_core_requests(server: NatsServer, logger: logging.Logger, ser
         assert cluster.stats()["requests"] == 104
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_an_answered_request_is_not_sent_again_after_a_reconnection(server: NatsServer, logger: logging.Logger) -> None:
+    """Replay sends again what the server had not confirmed when the connection dropped,
+    but a request whose reply came is done: sending it again would run the handler twice."""
+    import collections
+
+    for _ in range(3):
+        calls: collections.Counter[bytes] = collections.Counter()
+
+        def handler(msg: Msg, calls: collections.Counter[bytes] = calls) -> bytes:
+            calls[msg.data] += 1
+            return b"ok"
+
+        with (
+            SyncNatsCluster("client", [server.url], logger, reconnect_time_wait=0.1) as client,
+            SyncNatsCluster("service", [server.url], logger, reconnect_time_wait=0.1) as service,
+        ):
+            service.serve("charge", handler)
+            assert client.request("charge", b"card-42", timeout=5).data == b"ok"
+            server.kill()  # at once: the request's PONG may not have come yet
+            server.start()
+            deadline = time.monotonic() + 10
+            while not (client.is_connected and service.is_connected) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client.flush(5)  # a replayed request would be on its way to the service now
+            time.sleep(0.5)
+            service.flush(5)
+            assert calls == {b"card-42": 1}
