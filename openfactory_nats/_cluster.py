@@ -7,6 +7,7 @@ Its life cycle (phases, who moves them, on which thread) is described and kept i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
@@ -132,6 +133,7 @@ class NatsCluster:
         self._life = Lifecycle(name, logger, on_close=self._refuse_new)
         self._replies: Replies | None = None
         self._replies_task: asyncio.Task[None] | None = None
+        self._replies_ready: Replies | None = None
         self._revive: asyncio.Task[None] | None = None
         self._receivers = Receivers(name, logger, self._fast)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
@@ -537,10 +539,11 @@ class NatsCluster:
     # -- requests ------------------------------------------------------------------
     def replies(self) -> Replies | None:
         """The reply inbox, once subscribed (any thread)."""
-        task = self._replies_task
-        if task is not None and task.done() and not task.cancelled() and task.exception() is None:
-            return self._replies
-        return None
+        return self._replies_ready
+
+    def _replies_subscribed(self, replies: Replies, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._replies_ready = replies
 
     async def ensure_replies(self, timeout: float) -> Replies:
         """Subscribe the reply inbox (once), within *timeout* s."""
@@ -551,6 +554,7 @@ class NatsCluster:
             replies = self._replies = Replies(self.name)
             receiver = Receiver(replies.subject, None, replies, None)
             task = self._replies_task = asyncio.get_running_loop().create_task(self.add_receiver(receiver, timeout))
+            task.add_done_callback(functools.partial(self._replies_subscribed, replies))
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
             raise ClusterTimeoutError(
@@ -565,9 +569,12 @@ class NatsCluster:
         if self._life.phase is not _OPEN:
             self._life.check_open()
             return False
-        build_frame(subject, payload, headers, self._max_payload)  # validation
+        subj = subject_bytes(subject)  # validated (and cached)
+        data = payload_bytes(payload)
         block = encode_headers(headers) if headers is not None else None
-        frame = build_request_frame(subject_bytes(subject), reply, payload_bytes(payload), block)
+        if len(data) + (len(block) if block is not None else 0) > self._max_payload:
+            build_frame(subject, data, headers, self._max_payload)  # raises the size error
+        frame = build_request_frame(subj, reply, data, block)
         try:
             self._pump.outbox.put(frame, len(frame), timeout)
         except BufferFullError:

@@ -132,7 +132,9 @@ class Inbox:
         self._state = _OPEN
         self._items: deque[Msg] = deque()
         self._lock = threading.Lock()  # short: state changes, offers, pull reads; never held while waiting
-        self._wake = threading.Event()  # pull mode: set when a reader may find something new
+        # Pull mode: readers wait on this condition of the short lock (which waiting
+        # releases); an offer wakes as many readers as it brings messages, not all of them.
+        self._readable = threading.Condition(self._lock)
         self._done = threading.Event()  # set once nothing is or will be delivered any more
         self._token = threading.Lock()  # callback modes: held while queued on or run by a worker
         # Counters; the comment says who writes each.
@@ -213,14 +215,13 @@ class Inbox:
             else:
                 dropped = self._offer_some(batch)
                 self._dropped += dropped
+            if self._callback is None and items:
+                self._readable.notify(len(batch))
         if dropped:
             self._note_drops()
-        if not items:
+        if not items or self._callback is None:
             return
-        if self._callback is None:
-            if not self._wake.is_set():
-                self._wake.set()
-        elif self._token.acquire(False):
+        if self._token.acquire(False):
             assert self._dispatcher is not None
             self._dispatcher._submit(self)
 
@@ -288,15 +289,9 @@ class Inbox:
             self._check_thread()
         limit = None if timeout is None else check_timeout(timeout)
         items = self._items
-        with self._lock:
-            if items:
-                return self._take()
         deadline = None if limit is None else time.monotonic() + limit
-        wake = self._wake
-        while True:
-            # Clear, then look: an offer after the look sets the event again.
-            wake.clear()
-            with self._lock:
+        with self._lock:
+            while True:
                 if items:
                     return self._take()
                 if self._state is not _OPEN:
@@ -306,16 +301,16 @@ class Inbox:
                         cluster=self.cluster,
                         subject=self.subject,
                     )
-            if deadline is None:
-                wake.wait()
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ClusterTimeoutError(
-                    f"cluster {self.cluster!r}: no message on {self.subject!r} within {limit:g} s",
-                    cluster=self.cluster,
-                )
-            wake.wait(remaining)
+                if deadline is None:
+                    self._readable.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ClusterTimeoutError(
+                        f"cluster {self.cluster!r}: no message on {self.subject!r} within {limit:g} s",
+                        cluster=self.cluster,
+                    )
+                self._readable.wait(remaining)
 
     def _take(self) -> Msg:
         """Pop the oldest message; the caller holds the lock and has seen one waiting."""
@@ -406,8 +401,8 @@ class Inbox:
                     self._discard_pending()
                 if not drain or not self._items:
                     self._done.set()
+                self._readable.notify_all()  # readers waiting see the close
         if self._callback is None:
-            self._wake.set()  # readers waiting see the close
             self._report_drops()
         elif self._token.acquire(False):
             assert self._dispatcher is not None

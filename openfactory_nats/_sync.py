@@ -386,9 +386,9 @@ class SyncNatsCluster:
         wait = self._wait(timeout)
         core = self._enter()
         deadline = time.monotonic() + wait
-        core.prepare(subject, payload, headers)
         replies = core.replies()
         if replies is None:
+            core.prepare(subject, payload, headers)  # bad input raises before connecting
             replies = self._call(core.ensure_replies(wait), wait + 1.0)
         waiter = replies.expect()
         try:
