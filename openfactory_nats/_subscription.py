@@ -29,7 +29,7 @@ from ._receiving import Receiver
 from ._wire import check_timeout
 
 if TYPE_CHECKING:
-    from ._cluster import NatsCluster
+    from ._incoming import Incoming
     from ._sync import SyncNatsCluster
 
 __all__ = ("AsyncSubscription", "Subscription", "open_subscription")
@@ -232,7 +232,7 @@ class AsyncSubscription:
 
     def __init__(
         self,
-        owner: NatsCluster,
+        owner: Incoming,
         subject: str,
         callback: AsyncCallback | None,
         max_msgs: int,
