@@ -49,7 +49,7 @@ _POLL = 0.01
 _OPEN = Phase.OPEN
 _warned_public_api = False
 
-Item = Any  # a frame (fast path) or a (subject, payload, headers, size) tuple (public-API path)
+Item = Any  # a frame (fast path) or a (subject, payload, headers, size, reply) tuple (public-API path)
 
 
 class NatsCluster(Incoming):
@@ -276,7 +276,7 @@ class NatsCluster(Incoming):
             self._pump.attach(nc)
             self._life.connected()  # raises ClusterClosedError if close() began meanwhile
             self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
-            if len(self._receivers):
+            if self._receivers.any():
                 await self._receivers.attach_all(nc)
         finally:
             self._lock.release()
@@ -332,6 +332,8 @@ class NatsCluster(Incoming):
     def _client_closed(self, nc: Client) -> None:
         if nc is self.nc and self._life.lost():
             self._pump.lose_in_flight("nats-py closed the connection for good")
+            if self._replies is not None:  # their requests went with the connection
+                self._replies.fail_waiting(self._lost_error("request"))
             if len(self._receivers):  # subscribers make no next call: come back by ourselves
                 self.logger.error("cluster %s: connection closed by the client; reconnecting", self.name)
                 self._revive = asyncio.get_running_loop().create_task(self._reconnect_receivers())
@@ -395,7 +397,7 @@ class NatsCluster(Incoming):
             else:
                 frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
                 copied = dict(headers) if isinstance(headers, Mapping) else None
-                outbox.put((subject, payload_bytes(payload), copied, len(frame)), len(frame), timeout)
+                outbox.put((subject, payload_bytes(payload), copied, len(frame), ""), len(frame), timeout)
         except BufferFullError:
             self._stats.add("refused")
             raise

@@ -85,8 +85,10 @@ class Incoming:
         task = self._replies_task
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             replies = self._replies = Replies(self.name)
-            receiver = Receiver(replies.subject, None, replies, None)
-            task = self._replies_task = asyncio.get_running_loop().create_task(self.add_receiver(receiver, timeout))
+            receiver = Receiver(replies.subject, None, replies, None, internal=True)
+            # Shared by every first request: bounded on its own, not by the first caller's timeout.
+            bound = max(timeout, self.connect_timeout)
+            task = self._replies_task = asyncio.get_running_loop().create_task(self.add_receiver(receiver, bound))
             task.add_done_callback(functools.partial(self._replies_subscribed, replies))
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
@@ -108,8 +110,12 @@ class Incoming:
         if len(data) + (len(block) if block is not None else 0) > self._max_payload:
             build_frame(subject, data, headers, self._max_payload)  # raises the size error
         frame = build_request_frame(subj, reply, data, block)
+        item: object = frame
+        if not self._fast:  # the public API publishes (subject, payload, headers, size, reply)
+            copied = dict(headers) if isinstance(headers, Mapping) else None
+            item = (subject, data, copied, len(frame), reply.decode())
         try:
-            self._pump.outbox.put(frame, len(frame), timeout)
+            self._pump.outbox.put(item, len(frame), timeout)
         except BufferFullError:
             self._stats.add("refused")
             raise
@@ -151,7 +157,7 @@ class Incoming:
         """The reply *waiter* got, or the error it stands for (any thread)."""
         if waiter.error is not None:
             raise waiter.error
-        if not answered or waiter.msg is None:
+        if waiter.msg is None:  # a reply that came just after the wait ended still counts
             raise ClusterTimeoutError(
                 f"cluster {self.name!r}: no reply to {subject!r} within {wait:g} s", cluster=self.name
             )
@@ -246,6 +252,7 @@ class Incoming:
         (within *timeout* s). False when the drain ran out of time."""
         return await self._receivers.remove(receiver, drain, timeout)
 
-    def sinks(self) -> list[Sink]:
-        """Where the subscriptions of this cluster deliver (any thread)."""
-        return self._receivers.sinks()
+    def sinks(self, internal: bool = True) -> list[Sink]:
+        """Where the subscriptions of this cluster deliver (any thread); without
+        *internal*, the users' subscriptions only (not the reply inbox)."""
+        return self._receivers.sinks(internal)

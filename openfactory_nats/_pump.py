@@ -232,9 +232,9 @@ class Pump:
         # than dropped by nats-py's reconnect buffer after the caller saw success.
         while len(self.outbox) and nc is self._client() and nc.is_connected:
             item = self.outbox.take(1, _item_size)[0]
-            subject, payload, headers, size = item
+            subject, payload, headers, size, reply = item
             try:
-                await nc.publish(subject, payload, headers=headers)
+                await nc.publish(subject, payload, reply=reply, headers=headers)
             except asyncio.CancelledError:
                 self._late([item])  # the loop is shutting down under us
                 raise

@@ -53,8 +53,12 @@ class Receiver:
     :param responder: what :meth:`Msg.respond` of the messages calls.
     """
 
-    def __init__(self, subject: str, queue: str | None, sink: Sink, responder: Responder | None) -> None:
+    def __init__(
+        self, subject: str, queue: str | None, sink: Sink, responder: Responder | None, *, internal: bool = False
+    ) -> None:
         self.subject = subject
+        #: The library's own (the reply inbox): not counted as a user's subscription.
+        self.internal = internal
         self.queue = queue
         self.sink = sink
         self.responder = responder
@@ -149,16 +153,22 @@ class Receivers:
         self.received_before = 0
         self.errors_before = 0
 
+    def any(self) -> bool:
+        """True while any receiver (the reply inbox included) is registered."""
+        return bool(self._all)
+
     def __len__(self) -> int:
-        return len(self._all)
+        """The users' subscriptions (the reply inbox is not one)."""
+        return sum(1 for receiver in list(self._all) if not receiver.internal)
 
     def register(self, receiver: Receiver) -> None:
         """Count *receiver* in: it is subscribed on every client from now on."""
         self._all.add(receiver)
 
-    def sinks(self) -> list[Sink]:
-        """The sinks of the receivers registered now (any thread)."""
-        return [receiver.sink for receiver in list(self._all)]
+    def sinks(self, internal: bool = True) -> list[Sink]:
+        """The sinks of the receivers registered now (any thread); without *internal*,
+        the users' only."""
+        return [receiver.sink for receiver in list(self._all) if internal or not receiver.internal]
 
     async def remove(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
         """Unsubscribe *receiver* (see :meth:`Receiver.detach`) and forget it."""
@@ -197,6 +207,8 @@ class Receivers:
             end(receiver)
 
     def _account(self, receiver: Receiver) -> None:
+        if receiver.internal:
+            return
         self.received_before += receiver.received
         self.dropped_before += receiver.sink.dropped
         self.errors_before += receiver.sink.errors
@@ -204,7 +216,7 @@ class Receivers:
     def counts(self) -> tuple[int, int, int]:
         """Messages received, dropped by slow consumers and callback errors, since
         construction (any thread)."""
-        receivers = list(self._all)
+        receivers = [receiver for receiver in list(self._all) if not receiver.internal]
         received = self.received_before + sum(r.received for r in receivers)
         dropped = self.dropped_before + sum(r.sink.dropped for r in receivers)
         errors = self.errors_before + sum(r.sink.errors for r in receivers)

@@ -134,8 +134,12 @@ class Replies:
                 waiter.complete(msg)
 
     def fail_all(self, error: NatsClusterError) -> None:
-        """Wake every caller with *error* (any thread)."""
+        """Wake every caller with *error* (any thread); refuse new ones from now on."""
         self._closed = True
+        self.fail_waiting(error)
+
+    def fail_waiting(self, error: NatsClusterError) -> None:
+        """Wake every caller waiting now with *error* (any thread)."""
         while self._waiting:
             try:
                 _, waiter = self._waiting.popitem()

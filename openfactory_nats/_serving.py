@@ -73,12 +73,24 @@ def _work(messages: Iterator[Msg], handler: Handler, logger: logging.Logger, nam
     for msg in messages:  # ends once the subscription is closed and empty
         try:
             data, headers = reply_of(handler(msg))
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit too: a dead worker would leave requests unanswered
             logger.exception("%s: the handler raised on a request to %r; answering with an error", name, msg.subject)
             data, headers = b"", error_headers(exc)
         if msg.reply is None:
             continue  # a plain message, not a request: nobody to answer
         try:
             msg.respond(data, headers=headers)
+        except (InvalidMessageError, InvalidTypeError) as exc:  # a reply that cannot be sent
+            logger.exception(
+                "%s: the reply to a request to %r cannot be sent; answering with an error", name, msg.subject
+            )
+            _answer(msg, b"", error_headers(exc), logger, name)
         except NatsClusterError as exc:
             logger.error("%s: could not answer a request to %r: %s", name, msg.subject, exc)
+
+
+def _answer(msg: Msg, data: bytes, headers: Mapping[str, str], logger: logging.Logger, name: str) -> None:
+    try:
+        msg.respond(data, headers=headers)
+    except NatsClusterError as exc:
+        logger.error("%s: could not answer a request to %r: %s", name, msg.subject, exc)

@@ -476,7 +476,7 @@ class SyncNatsCluster:
                 return
             self._finalizer.detach()  # what the child inherited belongs to the parent
             keep_inherited(self._runner, self._core)
-            inherited = len(self._core.sinks())
+            inherited = len(self._core.sinks(internal=False))
             if inherited:
                 self._core.logger.warning(
                     "cluster %s: %d subscription(s) made by the parent process do not deliver in this "
@@ -538,13 +538,16 @@ def _shutdown(
         return
     try:
         _close_and_stop(core, runner, owns_loop, wait, deadline)
+        # User code (callbacks, handlers) gets the caller's timeout, not the margin that
+        # is there for aborting a late drain.
+        ends = started + wait
         for sink in sinks:
             sink.close(drain=True, timeout=max(0.0, drained_by - time.monotonic()))
         for dispatcher in dispatchers:
-            dispatcher.close(max(0.0, deadline - time.monotonic()))
+            dispatcher.close(max(0.0, ends - time.monotonic()))
         for worker in workers:
             if worker is not threading.current_thread():
-                worker.join(max(0.0, deadline - time.monotonic()))
+                worker.join(max(0.0, ends - time.monotonic()))
     finally:
         lock.release()
 

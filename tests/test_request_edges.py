@@ -1,0 +1,164 @@
+"""Request/reply edges: the public-API path, replies a handler cannot send, handlers raising
+BaseException, a short timeout beside a first request, close with a blocked handler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from openfactory_nats import (
+    ClusterTimeoutError,
+    Msg,
+    NatsCluster,
+    NatsClusterError,
+    SyncNatsCluster,
+)
+
+from .servers import NatsServer
+
+
+@pytest.fixture
+def service(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
+    with SyncNatsCluster("service", [server.url], logger) as nats:
+        yield nats
+
+
+@pytest.fixture
+def client(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
+    with SyncNatsCluster("client", [server.url], logger) as nats:
+        yield nats
+
+
+@pytest.mark.timeout(30)
+def test_requests_work_on_the_public_api_path(
+    server: NatsServer, logger: logging.Logger, service: SyncNatsCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With OPENFACTORY_NATS_PUBLIC_API=1 (or a nats-py without the fast path's
+    internals) the outbox holds (subject, payload, headers, size) tuples, but
+    offer_request queues a raw frame: the public pump cannot unpack it."""
+    service.serve("svc.pub", lambda msg: b"re:" + msg.data)
+    monkeypatch.setenv("OPENFACTORY_NATS_PUBLIC_API", "1")
+    with SyncNatsCluster("client", [server.url], logger) as client:
+        assert client.cluster._fast is False
+        started = time.monotonic()
+        reply = client.request("svc.pub", b"x", timeout=3)
+        assert reply.data == b"re:x"
+        assert time.monotonic() - started < 2
+
+
+@pytest.mark.timeout(30)
+def test_a_handler_reply_with_bad_headers_is_answered_with_an_error(
+    service: SyncNatsCluster, client: SyncNatsCluster
+) -> None:
+    """The handler's reply cannot be sent (invalid header name): the requester should get
+    a ServiceError at once, not wait for its whole timeout."""
+    service.serve("svc.badhdr", lambda msg: (b"ok", {"Bad Name": "v"}))
+    started = time.monotonic()
+    with pytest.raises(NatsClusterError) as info:
+        client.request("svc.badhdr", b"x", timeout=5)
+    assert not isinstance(info.value, ClusterTimeoutError), info.value
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.timeout(30)
+def test_a_handler_reply_over_max_payload_is_answered_with_an_error(
+    service: SyncNatsCluster, client: SyncNatsCluster
+) -> None:
+    """A reply larger than the server's max_payload cannot be sent: the requester should
+    get a ServiceError at once, not wait for its whole timeout."""
+    big = b"x" * (service.cluster.max_payload + 1)
+    service.serve("svc.big", lambda msg: big)
+    started = time.monotonic()
+    with pytest.raises(NatsClusterError) as info:
+        client.request("svc.big", b"x", timeout=5)
+    assert not isinstance(info.value, ClusterTimeoutError), info.value
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.timeout(30)
+def test_a_handler_raising_a_base_exception_does_not_kill_the_service(
+    service: SyncNatsCluster, client: SyncNatsCluster
+) -> None:
+    """``except Exception`` in the worker lets SystemExit (or any BaseException that is
+    not an Exception) end the only worker thread silently: the subscription stays
+    registered on the server, so every later request is routed to a service that no
+    longer answers and times out."""
+
+    def handler(msg: Msg) -> bytes:
+        if msg.data == b"exit":
+            raise SystemExit(3)
+        return b"re:" + msg.data
+
+    service.serve("svc.exit", handler)
+    with pytest.raises(NatsClusterError):
+        client.request("svc.exit", b"exit", timeout=2)
+    assert client.request("svc.exit", b"after", timeout=3).data == b"re:after"
+
+
+@pytest.mark.timeout(30)
+def test_a_short_timeout_does_not_fail_a_concurrent_first_request(
+    server: NatsServer, logger: logging.Logger, service: SyncNatsCluster
+) -> None:
+    """The first requests share one task subscribing the reply inbox, created with the
+    timeout of whichever came first: a caller giving up at once makes that shared task
+    fail, and a concurrent caller with 5 s left gets ClusterTimeoutError at once."""
+    service.serve("svc.first", lambda msg: b"re:" + msg.data)
+
+    async def main() -> tuple[BaseException | Msg, float]:
+        cluster = NatsCluster("aio", [server.url], logger)
+        await cluster.connect()
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            impatient, patient = await asyncio.gather(
+                cluster.request("svc.first", b"a", timeout=0),
+                cluster.request("svc.first", b"b", timeout=5),
+                return_exceptions=True,
+            )
+            assert isinstance(impatient, ClusterTimeoutError), impatient
+            return patient, loop.time() - started
+        finally:
+            await cluster.close()
+
+    patient, took = asyncio.run(main())
+    assert isinstance(patient, Msg), f"{patient!r} after {took:.3f} s"
+    assert patient.data == b"re:b"
+
+
+@pytest.mark.timeout(30)
+def test_close_with_a_blocked_handler_returns_within_its_timeout(server: NatsServer, logger: logging.Logger) -> None:
+    """A handler that never returns: close(timeout=0.5) drains at once (the server is
+    fine) but then joins the worker until wait + _CLOSE_MARGIN (2 s), a margin meant for
+    aborting a late drain, not for waiting on user code."""
+    release = threading.Event()
+    entered = threading.Event()
+
+    def handler(msg: Msg) -> bytes:
+        entered.set()
+        release.wait(20)
+        return b"late"
+
+    service = SyncNatsCluster("service", [server.url], logger)
+    requester = threading.Thread()
+    try:
+        with SyncNatsCluster("client", [server.url], logger) as client:
+            service.serve("svc.block", handler)
+            requester = threading.Thread(
+                target=lambda: pytest.raises(NatsClusterError, client.request, "svc.block", b"x", timeout=10)
+            )
+            requester.start()
+            assert entered.wait(5)
+            started = time.monotonic()
+            service.close(timeout=0.5)
+            took = time.monotonic() - started
+            assert took < 1.5, f"close(timeout=0.5) took {took:.2f} s"
+    finally:
+        release.set()
+        service.close()
+        if requester.is_alive():
+            requester.join(5)
