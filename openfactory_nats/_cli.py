@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ._errors import NatsClusterError
@@ -219,7 +219,9 @@ def format_message(msg: Msg) -> str:
     return f"[{msg.subject}]{headers} {shown}"
 
 
-def _sub(args: argparse.Namespace) -> int:
+def _received(args: argparse.Namespace, what: str) -> Iterator[tuple[SyncNatsCluster, Msg]]:
+    """The messages on ``args.subject`` until ``--count`` of them came (exit 0) or
+    ``--timeout`` passed first (exit 1; without it, wait for ever)."""
     if args.count is not None and args.count < 1:
         raise CliError("--count must be at least 1", 2)
     step = 10.0 if args.timeout is None else args.timeout
@@ -235,9 +237,16 @@ def _sub(args: argparse.Namespace) -> int:
             except TimeoutError:
                 if deadline is None:
                     continue
-                raise CliError(f"{received} message(s) on {args.subject!r} within {args.timeout:g} s") from None
-            print(format_message(msg), flush=True)
+                raise CliError(f"{received} {what}(s) on {args.subject!r} within {args.timeout:g} s") from None
+            if what == "request" and msg.reply is None:
+                continue  # a plain message: nobody to answer
+            yield cluster, msg
             received += 1
+
+
+def _sub(args: argparse.Namespace) -> int:
+    for _, msg in _received(args, "message"):
+        print(format_message(msg), flush=True)
     return 0
 
 
@@ -252,28 +261,10 @@ def _req(args: argparse.Namespace) -> int:
 def _reply(args: argparse.Namespace) -> int:
     # A pull loop rather than serve(): with --count, exactly that many requests are
     # answered, each before the process exits.
-    if args.count is not None and args.count < 1:
-        raise CliError("--count must be at least 1", 2)
     text = None if args.echo else args.text.encode()
-    step = 10.0 if args.timeout is None else args.timeout
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    answered = 0
-    with SyncNatsCluster("cli", args.servers, _log, timeout=step, connect_timeout=step,
-                         **credentials_from_env()) as cluster:  # fmt: skip
-        sub = cluster.subscribe(args.subject, queue=args.queue)
-        while args.count is None or answered < args.count:
-            wait = 3600.0 if deadline is None else deadline - time.monotonic()
-            try:
-                msg = sub.next_msg(timeout=max(0.0, wait))
-            except TimeoutError:
-                if deadline is None:
-                    continue
-                raise CliError(f"{answered} request(s) on {args.subject!r} within {args.timeout:g} s") from None
-            if msg.reply is None:
-                continue  # a plain message: nobody to answer
-            msg.respond(msg.data if text is None else text)
-            print(format_message(msg), flush=True)
-            answered += 1
+    for cluster, msg in _received(args, "request"):
+        msg.respond(msg.data if text is None else text)
+        print(format_message(msg), flush=True)
         cluster.flush()
     return 0
 
