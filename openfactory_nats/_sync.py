@@ -359,7 +359,7 @@ class SyncNatsCluster:
             sub._inbox.__iter__, handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"
         )
         sub._threads = threads
-        self._workers.extend(threads)
+        self._workers[:] = [t for t in self._workers if t.is_alive()] + threads  # forget ended ones
         return sub
 
     def request(
@@ -406,7 +406,7 @@ class SyncNatsCluster:
         in a callback at a time. Closed, and its threads joined, with the cluster."""
         self._enter()
         made = Dispatcher(threads, name=f"openfactory-nats-{self.name}-dispatcher")
-        self._dispatchers.append(made)
+        self._dispatchers[:] = [d for d in self._dispatchers if not d.closed] + [made]
         return made
 
     def _remove(self, receiver: Receiver, drain: bool, timeout: float) -> bool:
