@@ -5,6 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from openfactory_nats import SyncNatsCluster
+
 from .servers import NatsServer, SilentServer, Subscriber, TcpProxy, wait_for_mesh
 
 
@@ -86,3 +88,17 @@ def subscriber_factory() -> Iterator[object]:
     finally:
         for sub in made:
             sub.close()
+
+
+@pytest.fixture
+def service(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
+    """The responding side of request tests: its own instance, as another process would have."""
+    with SyncNatsCluster("service", [server.url], logger) as nats:
+        yield nats
+
+
+@pytest.fixture
+def client(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
+    """The requesting side of request tests."""
+    with SyncNatsCluster("client", [server.url], logger) as nats:
+        yield nats

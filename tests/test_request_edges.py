@@ -7,7 +7,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,18 +19,6 @@ from openfactory_nats import (
 )
 
 from .servers import NatsServer
-
-
-@pytest.fixture
-def service(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
-    with SyncNatsCluster("service", [server.url], logger) as nats:
-        yield nats
-
-
-@pytest.fixture
-def client(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
-    with SyncNatsCluster("client", [server.url], logger) as nats:
-        yield nats
 
 
 @pytest.mark.timeout(30)

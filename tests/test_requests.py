@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,19 +38,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
 
 def echo(msg: Msg) -> bytes:
     return b"re:" + msg.data
-
-
-@pytest.fixture
-def service(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
-    """The responding side: its own instance, as another process would have."""
-    with SyncNatsCluster("service", [server.url], logger) as nats:
-        yield nats
-
-
-@pytest.fixture
-def client(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
-    with SyncNatsCluster("client", [server.url], logger) as nats:
-        yield nats
 
 
 def run_threads(count: int, target: Callable[[int], None], timeout: float = 30) -> None:
