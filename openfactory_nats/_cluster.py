@@ -14,7 +14,7 @@ from typing import Any, Literal, overload
 import nats.errors
 from nats.aio.client import Client
 
-from . import _natsio
+from . import _natsio, _registry
 from ._aio import bounded, quiet
 from ._connection import CALLBACKS, describe, open_client
 from ._errors import (
@@ -135,6 +135,7 @@ class NatsCluster(Incoming):
         self._js: Any = None
         self._close_task: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
+        _registry.track(self)  # weakly, for openfactory_nats.prometheus
 
     def __repr__(self) -> str:
         servers = ", ".join(redact_url(u) for u in self.servers)
