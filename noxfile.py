@@ -100,11 +100,7 @@ _put_pyenv_interpreters_on_path()
 @nox.session
 @nox.parametrize(
     "python,nats",
-    [
-        nox.param(python, nats, tags=["ci"] if (python, nats) in CI else [])
-        for python in PYTHONS
-        for nats in NATS
-    ],
+    [nox.param(python, nats, tags=["ci"] if (python, nats) in CI else []) for python in PYTHONS for nats in NATS],
 )
 def tests(session: nox.Session, nats: str) -> None:
     """The whole test suite under one Python and one end of the nats-py range."""

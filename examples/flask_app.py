@@ -9,6 +9,12 @@ handles: each worker gets its own connection on first use.
 ``GET /assets/<id>/state`` asks the service answering ``assets.<id>.state`` (try
 ``openfactory-nats reply --servers $NATS_URL --text '{"state": "ok"}' 'assets.*.state'``):
 503 when nobody serves it, 504 when it does not answer within 2 s.
+
+``GET /metrics`` exports the library's counters for Prometheus (``pip install
+'openfactory-nats[prometheus]'``). Each gunicorn worker is a process of its own with its
+own connection and counters, and a scrape reaches whichever worker accepts it: give each
+worker a port of its own to scrape (``prometheus_client.start_http_server`` in a
+``post_fork`` hook), or run one worker per container.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import logging
 import os
 
 from flask import Flask, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from openfactory_nats import ClusterTimeoutError, NoRespondersError, ServiceError, SyncNatsCluster
+from openfactory_nats import ClusterTimeoutError, NoRespondersError, ServiceError, SyncNatsCluster, prometheus
 
 logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"))
 log = logging.getLogger("flask_app")
@@ -26,7 +33,14 @@ log = logging.getLogger("flask_app")
 nats = SyncNatsCluster("web", os.environ.get("NATS_URL", "nats://127.0.0.1:4222").split(","), log, timeout=5.0)
 nats.connect()  # connect at import time: under --preload this happens before the fork
 
+prometheus.register()  # every cluster of the process, in prometheus_client's default registry
+
 app = Flask(__name__)
+
+
+@app.get("/metrics")
+def metrics() -> tuple[bytes, int, dict[str, str]]:
+    return generate_latest(), 200, {"Content-Type": CONTENT_TYPE_LATEST}
 
 
 @app.post("/assets/<asset_id>")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import urllib.request
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -297,10 +300,10 @@ def test_gunicorn_preload_deployment(server: NatsServer, logger: logging.Logger,
                 assert time.monotonic() < deadline, "gunicorn did not start"
                 time.sleep(0.1)
 
-        def post(i: int) -> int:
+        def post(i: int) -> tuple[int, int]:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/assets/a{i % 10}", data=b"%d" % i, method="POST")
             with urllib.request.urlopen(req, timeout=10) as resp:
-                return int(resp.status)
+                return int(resp.status), int(json.loads(resp.read())["pid"])
 
         def get(asset: str) -> tuple[int, bytes]:
             try:
@@ -310,10 +313,21 @@ def test_gunicorn_preload_deployment(server: NatsServer, logger: logging.Logger,
                 return exc.code, exc.read()
 
         with ThreadPoolExecutor(8) as pool:
-            statuses = list(pool.map(post, range(200)))
-        assert statuses == [202] * 200
+            posted = list(pool.map(post, range(200)))
+        assert [status for status, _ in posted] == [202] * 200
         got = sub.wait_for(200, timeout=15)
         assert sorted(int(m.data) for m in got) == list(range(200))
+
+        # /metrics: each scrape reaches one worker, which counts what it published itself
+        # (the core it made after the fork), not what the other worker or the master did.
+        per_worker = Counter(pid for _, pid in posted)
+        expected = set(per_worker.values()) | ({None} if len(per_worker) < 2 else set())
+        for _ in range(10):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            assert "# TYPE openfactory_nats_published_total counter" in text
+            match = re.search(r'^openfactory_nats_published_total\{cluster="web"\} (\S+)$', text, re.M)
+            assert (int(float(match.group(1))) if match else None) in expected, (text, per_worker)
 
         # Request/reply from the forked workers' threads, to a service in this process.
         assert get("a1")[0] == 503  # nobody serves yet: no responders

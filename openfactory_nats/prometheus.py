@@ -1,0 +1,183 @@
+"""Prometheus metrics for every cluster of the process: call :func:`register` once.
+
+Needs the optional extra ``openfactory-nats[prometheus]`` (``prometheus_client``); the
+rest of the library does not import it.
+
+.. code-block:: python
+
+    from prometheus_client import start_http_server
+    from openfactory_nats import prometheus
+
+    prometheus.register()          # the default registry
+    start_http_server(9100)        # or serve prometheus_client.make_wsgi_app() at /metrics
+
+Every scrape reads :meth:`~openfactory_nats.NatsCluster.stats` of every
+:class:`~openfactory_nats.NatsCluster` alive in the process: those behind each
+:class:`~openfactory_nats.SyncNatsCluster` and each router included, whether they were
+created before or after :func:`register`. Each sample has the label ``cluster`` (the
+cluster's name); instances that share a name are added up. An instance that has been
+garbage-collected is no longer reported, so its counters leave the sums (Prometheus sees
+a counter reset). In a forked child only the instances used or created in the child are
+reported, not the parent's.
+
+Counters (each ``stats()`` key becomes ``openfactory_nats_<key>_total``, byte counts
+``..._bytes_total``): ``published``, ``published_bytes`` (``bytes``), ``acked``,
+``errors``, ``reconnects``, ``disconnects``, ``replayed``, ``dropped``, ``dropped_bytes``,
+``refused``, ``requests``, ``late_replies``, ``received``, ``receive_dropped``,
+``callback_errors``. Gauges: ``openfactory_nats_queued_messages``,
+``openfactory_nats_unsent_bytes``, ``openfactory_nats_subscriptions`` and
+``openfactory_nats_connected`` (instances connected now). A ``stats()`` key that this
+module does not know yet is exported untyped as ``openfactory_nats_<key>``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from . import _registry
+from ._lifecycle import ClusterState
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, UnknownMetricFamily
+    from prometheus_client.registry import CollectorRegistry
+
+    _Family: TypeAlias = CounterMetricFamily | GaugeMetricFamily | UnknownMetricFamily
+
+__all__ = ("EXTRA", "ClusterCollector", "register", "unregister")
+
+EXTRA: Final = "openfactory-nats[prometheus]"
+"""The extra to install for this module: ``pip install 'openfactory-nats[prometheus]'``."""
+
+_PREFIX = "openfactory_nats_"
+_COUNTER, _GAUGE = "counter", "gauge"
+
+# stats() key -> (kind, metric name without prefix and without _total, unit, help)
+METRICS: Final[dict[str, tuple[str, str, str, str]]] = {
+    "published": (_COUNTER, "published", "", "Messages handed to the NATS client."),
+    "bytes": (_COUNTER, "published_bytes", "bytes", "Bytes (protocol frames) handed to the NATS client."),
+    "acked": (_COUNTER, "acked", "", "Publishes confirmed by JetStream."),
+    "errors": (_COUNTER, "errors", "", "Errors reported by the NATS client."),
+    "reconnects": (_COUNTER, "reconnects", "", "Reconnections."),
+    "disconnects": (_COUNTER, "disconnects", "", "Lost connections."),
+    "replayed": (_COUNTER, "replayed", "", "Messages sent again after a lost connection."),
+    "dropped": (_COUNTER, "dropped", "", "Messages that could not be delivered (each logged at ERROR)."),
+    "dropped_bytes": (_COUNTER, "dropped_bytes", "bytes", "Bytes that could not be delivered."),
+    "refused": (_COUNTER, "refused", "", "Publishes refused because the buffer was full."),
+    "requests": (_COUNTER, "requests", "", "Requests sent."),
+    "late_replies": (_COUNTER, "late_replies", "", "Replies that came after their requester had given up."),
+    "received": (_COUNTER, "received", "", "Messages handed to subscriptions."),
+    "receive_dropped": (_COUNTER, "receive_dropped", "", "Messages dropped by full subscriptions."),
+    "callback_errors": (_COUNTER, "callback_errors", "", "Exceptions raised by subscription callbacks."),
+    "queued": (_GAUGE, "queued_messages", "", "Messages queued, not yet handed to the NATS client."),
+    "unsent_bytes": (
+        _GAUGE,
+        "unsent_bytes",
+        "bytes",
+        "Bytes handed to the NATS client but not yet written to the socket (with replay: not yet confirmed).",
+    ),
+    "subscriptions": (_GAUGE, "subscriptions", "", "Subscriptions open."),
+}
+"""How each ``stats()`` key is exported: ``(kind, name, unit, help)``."""
+
+_CONNECTED = ("connected", "Instances connected to a server now.")
+
+_lock = threading.Lock()
+_collectors: weakref.WeakKeyDictionary[CollectorRegistry, ClusterCollector] = weakref.WeakKeyDictionary()
+
+
+class ClusterCollector:
+    """A ``prometheus_client`` collector that reads ``stats()`` of every live cluster at
+    each scrape. :func:`register` makes and registers one; it needs no other set-up."""
+
+    def describe(self) -> Iterator[_Family]:
+        """The metric families, without samples (``prometheus_client`` checks their
+        names against the other collectors of the registry)."""
+        return iter(self._families().values())
+
+    def collect(self) -> Iterator[_Family]:
+        """The metric families with one sample per cluster name."""
+        totals: dict[str, dict[str, int]] = {}
+        for core in _registry.live():
+            stats = core.stats()
+            stats["connected"] = int(core.state is ClusterState.CONNECTED)
+            per_name = totals.setdefault(core.name, {})
+            for key, value in stats.items():
+                per_name[key] = per_name.get(key, 0) + value
+        families = self._families(extra={key for values in totals.values() for key in values})
+        for name in sorted(totals):
+            for key, value in totals[name].items():
+                families[key].add_metric([name], value)
+        return iter(families.values())
+
+    @staticmethod
+    def _families(extra: set[str] | None = None) -> dict[str, _Family]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, UnknownMetricFamily
+
+        families: dict[str, _Family] = {}
+        for key, (kind, name, unit, doc) in METRICS.items():
+            family = CounterMetricFamily if kind == _COUNTER else GaugeMetricFamily
+            families[key] = family(_PREFIX + name, doc, labels=["cluster"], unit=unit)
+        families["connected"] = GaugeMetricFamily(_PREFIX + _CONNECTED[0], _CONNECTED[1], labels=["cluster"])
+        for key in sorted((extra or set()) - families.keys()):
+            families[key] = UnknownMetricFamily(_PREFIX + key, f"stats()[{key!r}]", labels=["cluster"])
+        return families
+
+
+def register(registry: CollectorRegistry | None = None) -> ClusterCollector:
+    """Export the counters and gauges of every cluster to *registry*.
+
+    Idempotent: a second call with the same registry registers nothing more and returns
+    the collector registered by the first.
+
+    :param registry: a ``prometheus_client.CollectorRegistry``; ``None`` means
+        ``prometheus_client.REGISTRY``, the default one.
+    :returns: the collector registered.
+    :raises ImportError: when ``prometheus_client`` is not installed (install
+        ``openfactory-nats[prometheus]``).
+    :raises ValueError: when another collector of *registry* already exports one of
+        the metric names (``prometheus_client``'s ``DuplicateTimeseries``).
+    """
+    target = _registry_or_default(registry)
+    with _lock:
+        collector = _collectors.get(target)
+        if collector is None:
+            collector = ClusterCollector()
+            target.register(collector)
+            _collectors[target] = collector
+        return collector
+
+
+def unregister(registry: CollectorRegistry | None = None) -> None:
+    """Stop exporting to *registry* (``None``: the default one); nothing happens when
+    :func:`register` was not called for it.
+
+    :raises ImportError: when ``prometheus_client`` is not installed.
+    """
+    target = _registry_or_default(registry)
+    with _lock:
+        collector = _collectors.pop(target, None)
+        if collector is not None:
+            target.unregister(collector)
+
+
+def _renew_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a parent thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_renew_after_fork)
+
+
+def _registry_or_default(registry: CollectorRegistry | None) -> CollectorRegistry:
+    try:
+        from prometheus_client.registry import REGISTRY
+    except ImportError as exc:
+        raise ImportError(
+            f"openfactory_nats.prometheus needs prometheus_client: pip install '{EXTRA}'",
+            name="prometheus_client",
+        ) from exc
+    return REGISTRY if registry is None else registry
