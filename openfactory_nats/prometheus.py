@@ -20,14 +20,34 @@ garbage-collected is no longer reported, so its counters leave the sums (Prometh
 a counter reset). In a forked child only the instances used or created in the child are
 reported, not the parent's.
 
-Counters (each ``stats()`` key becomes ``openfactory_nats_<key>_total``, byte counts
-``..._bytes_total``): ``published``, ``published_bytes`` (``bytes``), ``acked``,
-``errors``, ``reconnects``, ``disconnects``, ``replayed``, ``dropped``, ``dropped_bytes``,
-``refused``, ``requests``, ``late_replies``, ``received``, ``receive_dropped``,
-``callback_errors``. Gauges: ``openfactory_nats_queued_messages``,
-``openfactory_nats_unsent_bytes``, ``openfactory_nats_subscriptions`` and
-``openfactory_nats_connected`` (instances connected now). A ``stats()`` key that this
-module does not know yet is exported untyped as ``openfactory_nats_<key>``.
+The metrics (``_total``: a counter; the others are gauges):
+
+==========================================  =======  ===================  ==============================================
+metric                                      type     ``stats()`` key      what
+==========================================  =======  ===================  ==============================================
+``openfactory_nats_published_total``        counter  ``published``        messages handed to the NATS client
+``openfactory_nats_published_bytes_total``  counter  ``bytes``            their bytes (protocol frames)
+``openfactory_nats_acked_total``            counter  ``acked``            publishes confirmed by JetStream
+``openfactory_nats_errors_total``           counter  ``errors``           errors reported by the NATS client
+``openfactory_nats_reconnects_total``       counter  ``reconnects``       reconnections
+``openfactory_nats_disconnects_total``      counter  ``disconnects``      lost connections
+``openfactory_nats_replayed_total``         counter  ``replayed``         messages sent again after a lost connection
+``openfactory_nats_dropped_total``          counter  ``dropped``          messages that could not be delivered
+``openfactory_nats_dropped_bytes_total``    counter  ``dropped_bytes``    their bytes
+``openfactory_nats_refused_total``          counter  ``refused``          publishes refused, the buffer full
+``openfactory_nats_requests_total``         counter  ``requests``         requests sent
+``openfactory_nats_late_replies_total``     counter  ``late_replies``     replies after their requester gave up
+``openfactory_nats_received_total``         counter  ``received``         messages handed to subscriptions
+``openfactory_nats_receive_dropped_total``  counter  ``receive_dropped``  messages dropped by full subscriptions
+``openfactory_nats_callback_errors_total``  counter  ``callback_errors``  exceptions raised by callbacks
+``openfactory_nats_queued_messages``        gauge    ``queued``           messages not yet handed to the client
+``openfactory_nats_unsent_bytes``           gauge    ``unsent_bytes``     bytes not on the socket (replay: unconfirmed)
+``openfactory_nats_subscriptions``          gauge    ``subscriptions``    subscriptions open
+``openfactory_nats_connected``              gauge    -                    instances connected to a server now
+==========================================  =======  ===================  ==============================================
+
+A ``stats()`` key that this module does not know yet is exported untyped, as
+``openfactory_nats_<key>``.
 """
 
 from __future__ import annotations
@@ -47,7 +67,7 @@ if TYPE_CHECKING:
 
     _Family: TypeAlias = CounterMetricFamily | GaugeMetricFamily | UnknownMetricFamily
 
-__all__ = ("EXTRA", "ClusterCollector", "register", "unregister")
+__all__ = ("EXTRA", "METRICS", "ClusterCollector", "register", "unregister")
 
 EXTRA: Final = "openfactory-nats[prometheus]"
 """The extra to install for this module: ``pip install 'openfactory-nats[prometheus]'``."""
