@@ -35,7 +35,7 @@ from ._receiving import Receivers
 from ._redact import redact_url
 from ._requests import Replies
 from ._stats import Stats
-from ._wire import build_frame, check_timeout, frame_size, payload_bytes
+from ._wire import SPLIT_PAYLOAD, Frame, build_frame, check_timeout, frame_size, payload_bytes, split_frame
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
@@ -390,10 +390,13 @@ class NatsCluster(Incoming):
                 if type(payload) is not bytes:
                     payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
                 if len(payload) > _LARGE:
-                    # Make room before copying a large payload into a frame, so that no copy
-                    # waits outside the budget: the cap is on memory.
+                    # Make room before building a large frame, so that nothing waits
+                    # outside the budget: the cap is on memory.
                     outbox.reserve(frame_size(subject, payload, headers, self._max_payload), timeout)
-                frame = build_frame(subject, payload, headers, self._max_payload)
+                if len(payload) < SPLIT_PAYLOAD:
+                    frame: bytes | Frame = build_frame(subject, payload, headers, self._max_payload)
+                else:  # not copied: the frame references the (immutable) payload
+                    frame = split_frame(subject, payload, headers, self._max_payload)
                 outbox.put(frame, len(frame), timeout)
             else:
                 frame = build_frame(subject, payload, headers, self._max_payload)  # validation only

@@ -26,7 +26,7 @@ from ._receiving import Receiver, Receivers, Sink
 from ._requests import Replies, Waiter, build_request_frame, check_reply
 from ._stats import Stats
 from ._subscription import AsyncCallback, AsyncSubscription
-from ._wire import build_frame, check_timeout, encode_headers, payload_bytes, subject_bytes
+from ._wire import Frame, build_frame, check_timeout, encode_headers, frame_head, payload_bytes, subject_bytes
 
 __all__ = ("Incoming",)
 
@@ -59,13 +59,14 @@ class Incoming:
         def prepare(self, subject: object, payload: object, headers: object, max_payload: int | None = None) -> int: ...
         def offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool: ...
 
-    def _still_wanted(self, frame: bytes) -> bool:
+    def _still_wanted(self, frame: bytes | Frame) -> bool:
         """Whether a frame lost with its connection is worth sending again: not a request
         whose reply came already, or whose caller gave up."""
         replies = self._replies
-        if replies is None or not frame.startswith((b"PUB ", b"HPUB ")):
+        head = frame_head(frame)
+        if replies is None or not head.startswith((b"PUB ", b"HPUB ")):
             return True
-        line = frame[: frame.find(b"\r\n")].split(b" ")
+        line = head[: head.find(b"\r\n")].split(b" ")
         reply = line[2] if len(line) == (4 if line[0] == b"PUB" else 5) else b""
         return replies.waiting(reply)
 

@@ -13,31 +13,37 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 
+from ._wire import Frame
+
 __all__ = (
     "abort_transport",
-    "append_frames",
     "buffered_bytes",
     "connection_token",
     "divert_pending",
     "drain_subscription",
     "pending_bytes",
-    "pending_ids",
-    "pending_publish_frames",
-    "prepend_frames",
-    "remove_frames",
     "same_connection",
     "send_ping",
     "supports_fast_path",
     "wait_writable",
+    "write_frames",
     "write_pending_now",
 )
 
 _PING = b"PING\r\n"
+_CRLF = b"\r\n"
+_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+_OWN_BUFFER = 2048  # frames this large are written from where they are, not joined
+#: Before 3.12, asyncio's socket transport joins the buffers given to ``writelines``.
+_JOINS_LINES = sys.version_info < (3, 12)
 
 _REQUIRED = ("_pending", "_pending_data_size", "_flush_queue", "_transport", "_status", "_pongs")
 
@@ -82,29 +88,87 @@ def divert_pending(sub: Subscription, queue: Any) -> None:
     sub._pending_queue = queue
 
 
-def append_frames(nc: Client, frames: list[bytes], nbytes: int) -> None:
-    """Queue ready-made ``PUB``/``HPUB`` frames in the client's pending buffer, in order.
+def write_frames(nc: Client, frames: Sequence[bytes | Frame], nbytes: int) -> None:
+    """Write ready-made ``PUB``/``HPUB`` frames to the connection, in order, after what
+    nats-py holds in its own pending buffer (so that its commands keep their place).
 
-    While the client is reconnecting they stay there, as nats-py's reconnect buffer, and
-    are written once it is connected again; while connected the flusher task is woken.
+    Small frames are joined into one buffer (as nats-py's flusher would); larger frames
+    and large payloads are not copied: the buffers go to the kernel in gathered
+    ``sendmsg`` calls. *nbytes* is the frames' total size. The caller feeds only while
+    the client is connected and bounds what the transport holds.
     """
-    nc._pending.extend(frames)
-    nc._pending_data_size += nbytes
-    queue: asyncio.Queue[Any] | None = nc._flush_queue
-    if nc.is_connected and queue is not None and queue.empty():
-        queue.put_nowait(asyncio.get_running_loop().create_future())
+    write_pending_now(nc)
+    buffers: list[bytes] | None = None
+    if nbytes < _OWN_BUFFER * len(frames):  # mostly small frames: one copy is cheaper
+        try:
+            buffers = [b"".join(frames)]  # type: ignore[arg-type]
+        except TypeError:  # a large payload among them
+            pass
+    if buffers is None:
+        buffers = _gather(frames)
+    transport = _asyncio_transport(nc)
+    if transport is None:  # another kind of transport (websocket): nats-py's own writer
+        if nc._transport is not None:
+            nc._transport.writelines(buffers)
+    elif _JOINS_LINES and isinstance(getattr(transport, "_sock", None), socket.socket):
+        _send_gathered(transport, buffers)
+    else:  # asyncio gathers the buffers itself (Python >= 3.12), or TLS
+        transport.writelines(buffers)
+
+
+def _gather(frames: Sequence[bytes | Frame]) -> list[bytes]:
+    """The buffers to write for *frames*: runs of small frames, with the pieces around
+    each large payload, joined (few buffers make a cheap ``sendmsg``); frames of
+    ``_OWN_BUFFER`` bytes or more, and large payloads, on their own, uncopied."""
+    buffers: list[bytes] = []
+    run: list[bytes] = []
+    for frame in frames:
+        if isinstance(frame, Frame):
+            run.append(frame.head)
+            buffers.append(b"".join(run))
+            buffers.append(frame.payload)
+            run = [_CRLF]
+        elif len(frame) >= _OWN_BUFFER:
+            if run:
+                buffers.append(b"".join(run))
+                run = []
+            buffers.append(frame)
+        else:
+            run.append(frame)
+    if run:
+        buffers.append(b"".join(run))
+    return buffers
+
+
+def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes]) -> None:
+    """What Python 3.12's selector transport does in ``writelines``, for 3.11 (whose
+    ``writelines`` joins everything into one copy): send straight from the buffers while
+    the transport holds nothing, and queue only what the socket did not take."""
+    sock: socket.socket = transport._sock  # type: ignore[attr-defined]
+    start = 0
+    if not transport.get_write_buffer_size() and not transport.is_closing():
+        while start < len(buffers):
+            batch = buffers[start : start + _IOV_MAX]
+            try:
+                sent = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # the transport meets the error on its own write below and reports it
+            while start < len(buffers) and sent >= len(buffers[start]):
+                sent -= len(buffers[start])
+                start += 1
+            if sent:  # one buffer went out in part: queue the rest of it
+                buffers[start] = memoryview(buffers[start])[sent:]  # type: ignore[call-overload]
+                break
+    for buffer in buffers[start:]:
+        transport.write(buffer)
 
 
 async def wait_writable(nc: Client) -> None:
     """Wait while the transport's buffer is over its high-water mark (asyncio flow control)."""
     if nc._transport is not None:
         await nc._transport.drain()  # type: ignore[no-untyped-call]
-
-
-def prepend_frames(nc: Client, frames: list[bytes], nbytes: int) -> None:
-    """Put frames at the head of the client's pending buffer (sent first on reconnect)."""
-    nc._pending[0:0] = frames
-    nc._pending_data_size += nbytes
 
 
 def write_pending_now(nc: Client) -> None:
@@ -145,16 +209,6 @@ def connection_token(nc: Client) -> object:
     return nc._pongs
 
 
-def remove_frames(nc: Client, ids: set[int]) -> None:
-    """Take the items whose identity is in *ids* out of the client's pending buffer."""
-    if not ids:
-        return
-    kept = [item for item in nc._pending if id(item) not in ids]
-    if len(kept) != len(nc._pending):
-        nc._pending = kept
-        nc._pending_data_size = sum(map(len, kept))
-
-
 def same_connection(nc: Client, token: object) -> bool:
     """True while the connection a ping's *token* names is still the client's (nats-py
     starts a new PONG queue for every connection it makes)."""
@@ -164,16 +218,6 @@ def same_connection(nc: Client, token: object) -> bool:
 def pending_bytes(nc: Client) -> int:
     """Bytes in the client's pending buffer (its reconnect buffer while reconnecting)."""
     return int(nc._pending_data_size)
-
-
-def pending_ids(nc: Client) -> set[int]:
-    """Identities of the items in the client's pending buffer."""
-    return {id(item) for item in nc._pending}
-
-
-def pending_publish_frames(nc: Client) -> list[bytes]:
-    """The ``PUB``/``HPUB`` frames still in the client's pending buffer."""
-    return [f for f in nc._pending if isinstance(f, bytes) and f.startswith((b"PUB ", b"HPUB "))]
 
 
 def _asyncio_transport(nc: Client) -> asyncio.WriteTransport | None:

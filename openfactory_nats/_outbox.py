@@ -225,9 +225,14 @@ class Outbox(Generic[T]):
             self._available += self._returns.popleft()
 
     # -- consumer side (the event loop) ------------------------------------------------
-    def take(self, max_bytes: int = 0, sizeof: Callable[[T], int] = len) -> list[T]:  # type: ignore[assignment]
-        """Remove and return queued items, oldest first: all of them, or (with
-        *max_bytes*) as many as it takes to reach *max_bytes*."""
+    def take(self) -> list[T]:
+        """Remove and return every queued item, oldest first."""
+        return self.take_upto(0)[0]
+
+    def take_upto(self, max_bytes: int, sizeof: Callable[[T], int] = len) -> tuple[list[T], int]:  # type: ignore[assignment]
+        """Remove and return queued items, oldest first: all of them (*max_bytes* 0), or
+        as many as it takes to reach *max_bytes*; with their size in bytes (counted with
+        *max_bytes* only, else 0)."""
         self.scheduled = False
         items = self._items
         count = len(items)
@@ -236,7 +241,7 @@ class Outbox(Generic[T]):
             return self._take_racing_sweeps(max_bytes, sizeof)
         if not max_bytes:
             self.taken += count
-            return [pop() for _ in range(count)]
+            return [pop() for _ in range(count)], 0
         taken: list[T] = []
         total = 0
         while count and total < max_bytes:
@@ -245,10 +250,10 @@ class Outbox(Generic[T]):
             total += sizeof(item)
             count -= 1
         self.taken += len(taken)
-        return taken
+        return taken, total
 
-    def _take_racing_sweeps(self, max_bytes: int, sizeof: Callable[[T], int]) -> list[T]:
-        """:meth:`take` once sealed, when late producers may sweep the queue at the same
+    def _take_racing_sweeps(self, max_bytes: int, sizeof: Callable[[T], int]) -> tuple[list[T], int]:
+        """:meth:`take_upto` once sealed, when late producers may sweep the queue at the same
         time: pop until it is empty rather than trust a length read before."""
         taken: list[T] = []
         total = 0
@@ -260,7 +265,7 @@ class Outbox(Generic[T]):
             taken.append(item)
             total += sizeof(item)
         self.taken += len(taken)
-        return taken
+        return taken, total
 
     def mark(self) -> int:
         """(Consumer) The value :attr:`taken` reaches once everything queued now has

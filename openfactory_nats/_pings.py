@@ -16,6 +16,7 @@ import asyncio
 from nats.aio.client import Client
 
 from . import _natsio
+from ._wire import Frame
 
 __all__ = ("Ping", "Pings")
 
@@ -30,7 +31,7 @@ class Ping:
     def __init__(self, outcome: asyncio.Future[bool], token: object) -> None:
         self.outcome = outcome
         self.token = token
-        self.batches: list[list[bytes]] = []
+        self.batches: list[list[bytes | Frame]] = []
         self.nbytes = 0
 
     @property

@@ -32,6 +32,9 @@ from ._errors import map_nats_error
 from ._outbox import Outbox
 from ._pings import Ping, Pings
 from ._stats import Stats
+from ._wire import Frame
+
+AnyFrame = bytes | Frame
 
 __all__ = ("Pump",)
 
@@ -61,7 +64,7 @@ class Pump:
         wake: Callable[[], None],
         fast: bool,
         replay: bool,
-        still_wanted: Callable[[bytes], bool] = lambda frame: True,
+        still_wanted: Callable[[AnyFrame], bool] = lambda frame: True,
     ) -> None:
         self.cluster = cluster
         self._still_wanted = still_wanted
@@ -83,14 +86,14 @@ class Pump:
         self._public: asyncio.Task[None] | None = None
         self._confirmer: asyncio.Task[None] | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
-        self._unconfirmed: list[list[bytes]] = []
+        self._unconfirmed: list[list[AnyFrame]] = []
         self._unconfirmed_bytes = 0
         self._confirming: deque[Ping] = deque()
         #: The connection (see ``_natsio.connection_token``) the unconfirmed batches went out on.
         self._unconfirmed_token: object = None
         #: Frames to put first on the next connection: unconfirmed when a connection was
         #: lost, or kept from a client whose event loop ended.
-        self._replay: deque[bytes] = deque()
+        self._replay: deque[AnyFrame] = deque()
         #: The connection the replay may go out on (set once nats-py says it reconnected).
         self._replay_token: object = None
 
@@ -119,18 +122,19 @@ class Pump:
         self._poll_handle = None
         self.pings = Pings(self.fast)
         self.outbox.scheduled = False
-        kept: list[bytes] = []
+        kept: list[AnyFrame] = []
+        stuck = 0  # bytes of ours the transport still held: never sent
         if nc is not None and self.fast:
             seen: set[int] = set()
             unconfirmed = [f for ping in self._confirming for batch in ping.batches for f in batch]
             unconfirmed += [f for batch in self._unconfirmed for f in batch]
-            pending = _natsio.pending_publish_frames(nc)
-            # What reached the kernel goes out on the old socket anyway; only when the
-            # transport still held bytes can a written frame be missing (replay it then).
-            stuck = _natsio.buffered_bytes(nc) > _natsio.pending_bytes(nc)
+            # Frames are written to the transport directly, never left in nats-py's pending
+            # buffer. What reached the kernel goes out on the old socket anyway; only when
+            # the transport still held bytes can a written frame be missing (replay it then).
+            stuck = max(0, _natsio.buffered_bytes(nc) - _natsio.pending_bytes(nc))
             waiting = list(self._replay)  # never written since their connection was lost
             self._replay.clear()
-            for frame in waiting + (unconfirmed if self.replay and stuck else []) + pending:
+            for frame in waiting + (unconfirmed if self.replay and stuck else []):
                 if id(frame) not in seen:
                     seen.add(id(frame))
                     kept.append(frame)
@@ -141,12 +145,11 @@ class Pump:
         self._replay.extendleft(reversed(kept))
         held = sum(map(len, self._replay))
         if self.in_flight > held:
-            lost = self.in_flight - held
+            gone = self.in_flight - held
             self.in_flight = held
-            if not self.fast:
-                self._lose(lost, "a client whose event loop ended held unsent messages")
-            else:
-                self.outbox.release(lost)
+            lost = gone if not self.fast else (0 if self.replay else min(gone, stuck))
+            self._lose(lost, "a client whose event loop ended held unsent messages")
+            self.outbox.release(gone - lost)
         self.in_flight = held
 
     def pending_work(self) -> bool:
@@ -184,10 +187,9 @@ class Pump:
             if self._replay:
                 room = 0  # the rest of the replay goes first
         self._unconfirmed_token = token
-        frames = self.outbox.take(room) if room > 0 else []
+        frames, nbytes = self.outbox.take_upto(room) if room > 0 else ([], 0)
         if frames:
-            nbytes = sum(map(len, frames))
-            _natsio.append_frames(nc, frames, nbytes)
+            _natsio.write_frames(nc, frames, nbytes)
             self.in_flight += nbytes
             self.stats.add("published", len(frames))
             self.stats.add("bytes", nbytes)
@@ -209,13 +211,13 @@ class Pump:
         if room <= 0:
             return 0
         replay = self._replay
-        frames: list[bytes] = []
+        frames: list[AnyFrame] = []
         nbytes = 0
         while replay and nbytes < room:
             frame = replay.popleft()
             frames.append(frame)
             nbytes += len(frame)
-        _natsio.append_frames(nc, frames, nbytes)
+        _natsio.write_frames(nc, frames, nbytes)
         self.stats.add("replayed", len(frames))
         if self.replay:
             self._unconfirmed.append(frames)
@@ -231,7 +233,7 @@ class Pump:
         # budget, so that a full buffer is refused to the caller (BufferFullError) rather
         # than dropped by nats-py's reconnect buffer after the caller saw success.
         while len(self.outbox) and nc is self._client() and nc.is_connected:
-            item = self.outbox.take(1, _item_size)[0]
+            item = self.outbox.take_upto(1, _item_size)[0][0]
             subject, payload, headers, size, reply = item
             try:
                 await nc.publish(subject, payload, reply=reply, headers=headers)
@@ -349,18 +351,13 @@ class Pump:
         if not self.fast:
             return
         if not self.replay:
-            # What the transport still held is gone with the connection (nats-py keeps
-            # only its own pending buffer for after the reconnection).
-            lost = self.in_flight - _natsio.pending_bytes(nc)
-            if lost > 0:
-                self.in_flight -= lost
-                self._lose(lost, "the connection dropped before they were written")
+            # What the transport still held is gone with the connection (frames are
+            # written to it directly; nats-py's reconnect buffer holds none of them).
+            lost, self.in_flight = self.in_flight, 0
+            self._lose(lost, "the connection dropped before they were written")
             return
         self._unconfirmed = [batch for ping in confirming for batch in ping.batches] + self._unconfirmed
         self._hold_for_replay()
-        # Out of nats-py's reconnect buffer too: it would write them on the first attempt
-        # to reconnect, and lose them if that attempt fails; on_reconnected sends them.
-        _natsio.remove_frames(nc, {id(frame) for frame in self._replay})
         if self._replay:
             self.logger.warning(
                 "cluster %s: %d messages not yet confirmed by the server will be sent again after reconnecting",
@@ -473,4 +470,4 @@ class Pump:
 
 
 def _item_size(item: Any) -> int:
-    return len(item) if isinstance(item, bytes) else int(item[3])
+    return len(item) if isinstance(item, bytes | Frame) else int(item[3])

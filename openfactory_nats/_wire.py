@@ -14,10 +14,14 @@ from ._errors import InvalidMessageError, InvalidTypeError
 
 __all__ = (
     "MAX_SUBJECT_BYTES",
+    "SPLIT_PAYLOAD",
+    "Frame",
     "build_frame",
     "check_timeout",
     "encode_headers",
+    "frame_head",
     "frame_size",
+    "split_frame",
     "subject_bytes",
     "validate_subject",
 )
@@ -132,6 +136,59 @@ def build_frame(subject: object, payload: object, headers: object, max_payload: 
     if total > max_payload:
         raise InvalidMessageError(f"message of {total} bytes exceeds the server's max_payload of {max_payload}")
     return b"HPUB %b %d %d\r\n%b%b\r\n" % (subj, len(block), total, block, data)
+
+
+#: Payloads of at least this many bytes are not copied into their frame: the frame keeps a
+#: reference to them instead (see :class:`Frame`).
+SPLIT_PAYLOAD = 4096
+
+_CRLF = b"\r\n"
+
+
+class Frame:
+    """A ``PUB``/``HPUB`` frame kept in pieces: its protocol line (with the header block,
+    if any), the payload, by reference, and the closing CRLF. Large payloads are never
+    copied into a frame: the socket write gathers the pieces (``sendmsg``). The payload is
+    immutable ``bytes`` (a ``bytearray`` or ``memoryview`` is copied once, on the way in),
+    so what is sent, and replayed, cannot change after ``publish`` returned."""
+
+    __slots__ = ("head", "payload", "size")
+
+    def __init__(self, head: bytes, payload: bytes) -> None:
+        self.head = head
+        self.payload = payload
+        self.size = len(head) + len(payload) + 2
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return self.head + self.payload + _CRLF
+
+    def __repr__(self) -> str:
+        return f"<Frame {self.head[:60]!r} +{len(self.payload)} bytes>"
+
+
+def split_frame(subject: object, payload: bytes, headers: object, max_payload: int) -> Frame:
+    """Validate a message as :func:`build_frame` does and return its frame as a
+    :class:`Frame` that references *payload* (immutable ``bytes``) instead of copying it."""
+    subj = subject_bytes(subject)
+    if headers is None:
+        if len(payload) > max_payload:
+            raise InvalidMessageError(
+                f"payload of {len(payload)} bytes exceeds the server's max_payload of {max_payload}"
+            )
+        return Frame(b"PUB %b %d\r\n" % (subj, len(payload)), payload)
+    block = encode_headers(headers)
+    total = len(block) + len(payload)
+    if total > max_payload:
+        raise InvalidMessageError(f"message of {total} bytes exceeds the server's max_payload of {max_payload}")
+    return Frame(b"HPUB %b %d %d\r\n%b" % (subj, len(block), total, block), payload)
+
+
+def frame_head(frame: bytes | Frame) -> bytes:
+    """The start of a frame, protocol line included (for reading its subject and reply)."""
+    return frame.head if isinstance(frame, Frame) else frame
 
 
 def frame_size(subject: object, payload: object, headers: object, max_payload: int) -> int:
