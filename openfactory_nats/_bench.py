@@ -15,11 +15,13 @@ import logging
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,8 +49,8 @@ class BenchConfig:
 
     servers: list[str] | None = None
     messages: int = 200_000
-    sizes: Sequence[int] = (16, 128, 4096, 65536)
-    rounds: int = 3
+    sizes: Sequence[int] = (16, 128, 1024, 4096, 16384, 65536, 1024 * 1024)
+    rounds: int = 5
     naive_messages: int = 20_000
     latency_seconds: float = 3.0
     latency_rate: int = 10_000
@@ -57,7 +59,8 @@ class BenchConfig:
     #: Requests per request/reply measurement; 0 skips them.
     requests: int = 2000
     stall_cap: int = 64 * _MIB
-    byte_budget: int = 256 * _MIB
+    #: Bytes each run publishes at most (so that large sizes do not take minutes).
+    byte_budget: int = 1024 * _MIB
     samples: dict[str, list[float]] = field(default_factory=dict)
 
     def count_for(self, size: int) -> int:
@@ -80,6 +83,40 @@ def _plain(url: str, count: int, payload: bytes) -> float:
         return count / elapsed
 
     return asyncio.run(main())
+
+
+def _raw(url: str, count: int, payload: bytes) -> float:
+    """The ceiling: frames built in Python and written with one ``sendall`` per batch
+    (up to 1 MiB), no client library; a PING/PONG at the end proves delivery."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=60) as sock:
+        reader = sock.makefile("rb")
+        if not reader.readline().startswith(b"INFO "):
+            raise RuntimeError(f"{url} did not greet with INFO")
+        sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\nPING\r\n')
+        _await_pong(sock, reader)
+        subject = _SUBJECT.encode()
+        per_batch = max(1, min(1000, _MIB // max(len(payload), 1)))
+        started = time.perf_counter()
+        sent = 0
+        while sent < count:
+            batch = min(per_batch, count - sent)
+            sock.sendall(b"".join([b"PUB %b %d\r\n%b\r\n" % (subject, len(payload), payload) for _ in range(batch)]))
+            sent += batch
+        sock.sendall(b"PING\r\n")
+        _await_pong(sock, reader)
+        return count / (time.perf_counter() - started)
+
+
+def _await_pong(sock: socket.socket, reader: Any) -> None:
+    while True:
+        line = reader.readline()
+        if line.startswith(b"PONG"):
+            return
+        if line.startswith(b"PING"):
+            sock.sendall(b"PONG\r\n")
+        elif not line or line.startswith(b"-ERR"):
+            raise RuntimeError(f"the server refused the raw connection: {line!r}")
 
 
 def _naive(url: str, count: int, payload: bytes) -> float:
@@ -288,12 +325,13 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda 
         for size in config.sizes:
             count = config.count_for(size)
             payload = b"x" * size
-            runs: dict[str, list[float]] = {"plain": [], "facade_1": [], "facade_8": []}
+            runs: dict[str, list[float]] = {"plain": [], "facade_1": [], "facade_8": [], "raw": []}
             naive = config.naive_messages
             paths: list[tuple[str, Callable[[], float], int]] = [
                 ("plain", partial(_plain, url, count, payload), count),
                 ("facade_1", partial(_facade, url, count, payload, 1), count),
                 ("facade_8", partial(_facade, url, count, payload, 8), count // 8 * 8),
+                ("raw", partial(_raw, url, count, payload), count),
             ]
             if size == 128:
                 runs["naive"] = []
@@ -352,16 +390,21 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [
         f"{m['date']}  {m['cpus']} CPUs {m['cpu']}  Python {m['python']}  nats-py {m['nats_py']}  {m['nats_server']}",
         "",
-        f"{'payload':>8} {'messages':>9} {'nats-py':>12} {'facade 1 thr':>20} {'facade 8 thr':>20} {'naive r_c_t':>18}",
+        f"{'payload':>8} {'messages':>9} {'nats-py':>12} {'facade 1 thr':>20} {'facade 8 thr':>20} "
+        f"{'raw socket':>20} {'naive r_c_t':>18}",
     ]
     for row in results["throughput"]:
         naive = f"{row['naive']:>9,.0f} {row['naive_ratio']:>5.2f}x" if "naive" in row else ""
         lines.append(
             f"{row['size']:>7}B {row['messages']:>9} {row['plain']:>12,.0f} "
             f"{row['facade_1']:>12,.0f} {row['facade_1_ratio']:>5.2f}x "
-            f"{row['facade_8']:>12,.0f} {row['facade_8_ratio']:>5.2f}x {naive:>18}"
+            f"{row['facade_8']:>12,.0f} {row['facade_8_ratio']:>5.2f}x "
+            f"{row['raw']:>12,.0f} {row['raw_ratio']:>5.2f}x {naive:>18}"
         )
-    lines.append("(msgs/s, medians; ratios are to nats-py asyncio in the same run)")
+    lines.append(
+        "(msgs/s, medians; ratios are to nats-py asyncio in the same run; raw socket: frames built in\n"
+        " Python and written with one sendall per batch of up to 1 MiB, no client library: the ceiling)"
+    )
     if "latency" in results:
         lat = results["latency"]
         lines.append(

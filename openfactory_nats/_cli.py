@@ -113,8 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[common], help="measure throughput next to plain nats-py")
     bench.add_argument("--servers", type=_servers, help="a server to measure against (default: embedded)")
     bench.add_argument("--messages", type=int, default=200_000)
-    bench.add_argument("--rounds", type=int, default=3)
-    bench.add_argument("--sizes", default="16,128,4096,65536", help="payload sizes in bytes")
+    bench.add_argument("--rounds", type=int, default=5, help="alternated rounds per size (medians are quoted)")
+    bench.add_argument(
+        "--sizes", default="16,128,1024,4096,16384,65536,1048576", help="payload sizes in bytes, comma-separated"
+    )
     bench.add_argument("--latency-seconds", type=float, default=3.0)
     bench.add_argument("--no-stall", action="store_true", help="skip the stalled-server memory test")
     bench.add_argument("--no-receive", action="store_true", help="skip the receive measurements")

@@ -1,15 +1,17 @@
 """Moving queued messages into the nats-py client, with flow control and replay.
 
 Publishing threads fill the :class:`~openfactory_nats._outbox.Outbox`; the event loop
-moves its frames into nats-py's pending buffer while nats-py and the transport hold less
-than a high-water mark, and a feeder task resumes when the transport's flow control says
-the socket takes more. While the client reconnects, messages wait in the outbox, in
-order, and the reconnection resumes the feeding.
+writes its frames to the connection's transport (after nats-py's own pending commands,
+see ``_natsio.write_frames``) while nats-py and the transport hold less than a
+high-water mark, and a feeder task resumes when the transport's flow control says the
+socket takes more. Large payloads are not copied on the way: their frames reference them
+and the socket write gathers the pieces. While the client reconnects, messages wait in
+the outbox, in order, and the reconnection resumes the feeding.
 
-Replay (at-least-once across a lost connection): every batch handed to the client stays
-referenced until a PING sent after it is answered. When the connection drops, the
-batches the server never confirmed are put back at the head of nats-py's reconnect
-buffer, so a server crash loses (almost) nothing; the price is that a message the server
+Replay (at-least-once across a lost connection): every batch written stays referenced
+until a PING sent after it is answered. When the connection drops, the batches the
+server never confirmed are kept, and written first once nats-py has reconnected, in
+slices, so a server crash loses (almost) nothing; the price is that a message the server
 had processed but not yet confirmed can arrive twice (``stats()["replayed"]``).
 
 The pump holds no client of its own: it asks its owner (``client()``) for the one that
@@ -172,7 +174,7 @@ class Pump:
                 self._public = asyncio.get_running_loop().create_task(self._pump_public(nc))
             return
         # Keep nats-py's buffer and the transport's small: what does not fit waits in
-        # the outbox, budgeted, instead of being copied into ever larger socket writes.
+        # the outbox, budgeted, instead of being copied into the transport's buffer.
         room = self.high_water - _natsio.buffered_bytes(nc)
         token = _natsio.connection_token(nc)
         if self.replay and self._unconfirmed and self._unconfirmed_token is not token:
@@ -205,9 +207,9 @@ class Pump:
         self.reconcile(nc)
 
     def _feed_replay(self, nc: Client, room: int) -> int:
-        """Hand the client the next slice (about *room* bytes) of the frames to send
-        again, and return its size. nats-py writes its pending buffer in one piece: the
-        whole replay at once would be copied while replay still holds every frame."""
+        """Write the next slice (about *room* bytes) of the frames to send again, and
+        return its size: the whole replay at once would be copied into the transport's
+        buffer while replay still holds every frame."""
         if room <= 0:
             return 0
         replay = self._replay

@@ -121,6 +121,7 @@ def test_bench_smoke_run() -> None:
     data = json.loads(result.stdout)
     (row,) = data["throughput"]
     assert row["size"] == 128 and row["plain"] > 0 and row["facade_1_ratio"] > 0 and row["facade_8_ratio"] > 0
+    assert row["raw"] > 0 and row["raw_ratio"] > 0  # the raw-socket ceiling, delivery checked like the others
     assert data["latency"]["received"] == data["latency"]["expected"] == 2000
     assert data["machine"]["nats_py"]
     receive = data["receive"]
@@ -134,7 +135,7 @@ def test_bench_smoke_run() -> None:
     table = run([*args, "--no-receive", "--latency-seconds", "0"], timeout=120)
     assert table.returncode == 0, table.stderr
     out = table.stdout.decode()
-    assert "request/reply 128 B x 80" in out and "serve(workers=4)" in out
+    assert "request/reply 128 B x 80" in out and "serve(workers=4)" in out and "raw socket" in out
     skipped = run([*args, "--no-receive", "--latency-seconds", "0", "--no-requests", "--json"], timeout=120)
     assert skipped.returncode == 0, skipped.stderr
     assert "requests" not in json.loads(skipped.stdout)
