@@ -97,6 +97,17 @@ def _put_pyenv_interpreters_on_path() -> None:
 _put_pyenv_interpreters_on_path()
 
 
+@nox.session(python=False, tags=["ci"])
+def interpreters(session: nox.Session) -> None:
+    """Fail unless every supported CPython is here: CI's README run covers the one that
+    ``python3`` is, the tests sessions tagged ``ci`` the others."""
+    for python in PYTHONS:
+        if not _runs(python):
+            session.error(f"python{python} not found (pyenv install {python}, or put it on PATH)")
+        session.run(f"python{python}", "-c", "import sys; print(sys.executable, sys.version.split()[0])", external=True)
+    session.run("python3", "--version", external=True)
+
+
 @nox.session
 @nox.parametrize(
     "python,nats",
@@ -119,14 +130,3 @@ def tests(session: nox.Session, nats: str) -> None:
             f"assert v == {NATS_FLOOR!r}, f'nats-py {{v}} installed, not the floor {NATS_FLOOR}'",
         )
     session.run("python", "-m", "pytest", "-p", "no:cacheprovider", *session.posargs)
-
-
-@nox.session(python=False, tags=["ci"])
-def interpreters(session: nox.Session) -> None:
-    """Fail unless every supported CPython is here: CI's README run covers the one that
-    ``python3`` is, the tests sessions tagged ``ci`` the others."""
-    for python in PYTHONS:
-        if not _runs(python):
-            session.error(f"python{python} not found (pyenv install {python}, or put it on PATH)")
-        session.run(f"python{python}", "-c", "import sys; print(sys.executable, sys.version.split()[0])", external=True)
-    session.run("python3", "--version", external=True)
