@@ -35,6 +35,7 @@ __all__ = (
     "supports_fast_path",
     "wait_writable",
     "write_frames",
+    "write_room",
     "write_pending_now",
 )
 
@@ -114,6 +115,24 @@ def write_frames(nc: Client, frames: Sequence[bytes | Frame], nbytes: int) -> No
         _send_gathered(transport, buffers)
     else:  # asyncio gathers the buffers itself (Python >= 3.12), or TLS
         transport.writelines(buffers)
+
+
+def write_room(nc: Client, high_water: int) -> int:
+    """How many bytes of frames to write now, keeping what nats-py and the transport hold
+    under *high_water*.
+
+    Where the transport copies what the socket does not take (Python 3.11), nothing is
+    written while it holds anything: the socket is full, and frames wait uncopied in the
+    outbox instead. Its flow control is set to pause at any byte held and resume once
+    empty, so that waiting for it (``wait_writable``) ends when the socket takes more.
+    """
+    transport = _asyncio_transport(nc)
+    if _JOINS_LINES and transport is not None and isinstance(getattr(transport, "_sock", None), socket.socket):
+        if transport.get_write_buffer_limits() != (0, 0):
+            transport.set_write_buffer_limits(high=0, low=0)
+        if transport.get_write_buffer_size():
+            return 0
+    return high_water - buffered_bytes(nc)
 
 
 def _gather(frames: Sequence[bytes | Frame]) -> list[bytes]:

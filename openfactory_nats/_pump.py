@@ -44,6 +44,7 @@ _POLL_INTERVAL = 0.002
 _CONFIRM_INTERVAL = 0.01
 _MAX_CONFIRMING = 4
 _HIGH_WATER = 4 * 1024 * 1024  # most bytes handed to nats-py and not yet on the socket
+_SLICE = 1024 * 1024  # bytes written at a time
 
 
 class Pump:
@@ -175,7 +176,7 @@ class Pump:
             return
         # Keep nats-py's buffer and the transport's small: what does not fit waits in
         # the outbox, budgeted, instead of being copied into the transport's buffer.
-        room = self.high_water - _natsio.buffered_bytes(nc)
+        room = _natsio.write_room(nc, self.high_water)
         token = _natsio.connection_token(nc)
         if self.replay and self._unconfirmed and self._unconfirmed_token is not token:
             # Handed to a connection that nats-py abandoned without telling us (a
@@ -189,8 +190,11 @@ class Pump:
             if self._replay:
                 room = 0  # the rest of the replay goes first
         self._unconfirmed_token = token
-        frames, nbytes = self.outbox.take_upto(room) if room > 0 else ([], 0)
-        if frames:
+        while room > 0:
+            # In slices: once the socket is full, the rest waits here, uncopied.
+            frames, nbytes = self.outbox.take_upto(min(room, _SLICE))
+            if not frames:
+                break
             _natsio.write_frames(nc, frames, nbytes)
             self.in_flight += nbytes
             self.stats.add("published", len(frames))
@@ -202,6 +206,7 @@ class Pump:
                     self._request_confirmation(nc)  # don't let a fast sender wait for the tick
                 if self._confirmer is None or self._confirmer.done():
                     self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
+            room = _natsio.write_room(nc, self.high_water)
         if (len(self.outbox) or self._replay) and (self._feeder is None or self._feeder.done()):
             self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
         self.reconcile(nc)
@@ -263,7 +268,7 @@ class Pump:
             except Exception:
                 return  # the connection is going; on_reconnected resumes the feeding
             held = _natsio.buffered_bytes(nc)
-            if held == backlog:  # the flusher made no progress: don't spin
+            if held and held == backlog:  # the socket took nothing since: don't spin
                 await asyncio.sleep(_POLL_INTERVAL)
             backlog = held
             self.on_wake()
