@@ -109,8 +109,12 @@ class NatsCluster(Incoming):
         self._lock = asyncio.Lock()
         self._user_callbacks = {key: options.pop(key) for key in CALLBACKS if key in options}
         self._options = options
-        self._fast = _natsio.supports_fast_path()
-        if not self._fast:
+        websocket = any(url.startswith(("ws://", "wss://")) for url in self.servers)
+        self._fast = _natsio.supports_fast_path() and not websocket
+        if websocket:
+            # nats-py's websocket transport sends only from its own flusher.
+            logger.info("cluster %s: websocket servers: publishing through nats-py's public API", name)
+        elif not self._fast:
             _warn_public_api(logger)
         self._stats = Stats()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -33,6 +33,7 @@ __all__ = (
     "same_connection",
     "send_ping",
     "supports_fast_path",
+    "transport_closing",
     "wait_writable",
     "write_frames",
     "write_room",
@@ -117,6 +118,16 @@ def write_frames(nc: Client, frames: Sequence[bytes | Frame], nbytes: int) -> No
         transport.writelines(buffers)
 
 
+def transport_closing(nc: Client) -> bool:
+    """True when the connection's transport is closing or gone while nats-py may still
+    say it is connected (a reset or failed write that its read loop has not seen yet):
+    nothing may be written to it any more."""
+    transport = _asyncio_transport(nc)
+    if transport is None:
+        return nc._transport is None
+    return transport.is_closing()
+
+
 def write_room(nc: Client, high_water: int) -> int:
     """How many bytes of frames to write now, keeping what nats-py and the transport hold
     under *high_water*.
@@ -173,7 +184,10 @@ def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes]) -> N
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                break  # the transport meets the error on its own write below and reports it
+                # The transport meets the error on its own write and reports it (once:
+                # the rest goes as one buffer, so that it is not logged once per frame).
+                transport.write(b"".join(buffers[start:]))
+                return
             while start < len(buffers) and sent >= len(buffers[start]):
                 sent -= len(buffers[start])
                 start += 1
@@ -181,6 +195,8 @@ def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes]) -> N
                 buffers[start] = memoryview(buffers[start])[sent:]  # type: ignore[call-overload]
                 break
     for buffer in buffers[start:]:
+        if transport.is_closing():
+            break  # lost with the connection: the pump replays or counts what it wrote
         transport.write(buffer)
 
 
@@ -196,7 +212,7 @@ def write_pending_now(nc: Client) -> None:
     ``Client.flush`` writes its PING straight to the socket, ahead of whatever is still
     pending; writing the pending buffer first keeps "flushed" true.
     """
-    if nc.is_connected and nc._pending_data_size > 0 and nc._transport:
+    if nc.is_connected and nc._pending_data_size > 0 and nc._transport and not transport_closing(nc):
         nc._transport.writelines(nc._pending[:])
         nc._pending = []
         nc._pending_data_size = 0
@@ -212,7 +228,7 @@ def send_ping(nc: Client) -> tuple[asyncio.Future[Any], object] | None:
     returned future with ``asyncio.wait`` (which does not cancel it) and forget it when
     its connection is gone; nats-py drops the queue of a lost connection on reconnect.
     """
-    if not nc.is_connected or nc._transport is None:
+    if not nc.is_connected or nc._transport is None or transport_closing(nc):
         return None
     write_pending_now(nc)
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

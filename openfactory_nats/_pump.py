@@ -170,6 +170,11 @@ class Pump:
             self.outbox.scheduled = False  # reconnecting: on_reconnected resumes
             self.reconcile(nc)
             return
+        if self.fast and _natsio.transport_closing(nc):
+            # The socket is gone and nats-py has not noticed yet: write nothing more into
+            # it (what it held is replayed or counted once nats-py reports the loss).
+            self.outbox.scheduled = False
+            return
         if not self.fast:
             if self._public is None or self._public.done():
                 self._public = asyncio.get_running_loop().create_task(self._pump_public(nc))
@@ -195,13 +200,14 @@ class Pump:
             frames, nbytes = self.outbox.take_upto(min(room, _SLICE))
             if not frames:
                 break
-            _natsio.write_frames(nc, frames, nbytes)
-            self.in_flight += nbytes
+            self.in_flight += nbytes  # counted before writing: a failed write loses nothing silently
             self.stats.add("published", len(frames))
             self.stats.add("bytes", nbytes)
             if self.replay:
                 self._unconfirmed.append(frames)
                 self._unconfirmed_bytes += nbytes
+            _natsio.write_frames(nc, frames, nbytes)
+            if self.replay:
                 if self._unconfirmed_bytes >= self.high_water:
                     self._request_confirmation(nc)  # don't let a fast sender wait for the tick
                 if self._confirmer is None or self._confirmer.done():
@@ -224,11 +230,12 @@ class Pump:
             frame = replay.popleft()
             frames.append(frame)
             nbytes += len(frame)
-        _natsio.write_frames(nc, frames, nbytes)
         self.stats.add("replayed", len(frames))
         if self.replay:
             self._unconfirmed.append(frames)
             self._unconfirmed_bytes += nbytes
+        _natsio.write_frames(nc, frames, nbytes)
+        if self.replay:
             if self._unconfirmed_bytes >= self.high_water:
                 self._request_confirmation(nc)
             if self._confirmer is None or self._confirmer.done():
@@ -262,6 +269,8 @@ class Pump:
         wakes it; no polling)."""
         backlog = -1
         while (len(self.outbox) or self._replay) and nc is self._client() and nc.is_connected:
+            if self.fast and _natsio.transport_closing(nc):
+                return  # the socket is gone; on_reconnected resumes the feeding
             await asyncio.sleep(0)  # let nats-py's flusher write what it holds
             try:
                 await _natsio.wait_writable(nc)
@@ -276,7 +285,8 @@ class Pump:
     def reconcile(self, nc: Client) -> None:
         """Give back the budget of bytes that left the process (with replay: that the
         server confirmed); poll while producers wait for room."""
-        if self.fast and not self.replay:
+        if self.fast and not self.replay and not _natsio.transport_closing(nc):
+            # (What a closing transport holds is lost: on_disconnected counts it.)
             held = _natsio.buffered_bytes(nc)
             if held < self.in_flight:
                 self.outbox.release(self.in_flight - held)
