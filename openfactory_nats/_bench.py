@@ -250,7 +250,8 @@ def _stall(url: str, server_pid: int, cap: int) -> dict[str, float]:
 
 
 def _stall_child(url: str, server_pid: int, cap: int) -> None:
-    """Threads publish 1 MiB messages while the server is SIGSTOPped; report RSS growth."""
+    """Threads publish 1 MiB messages (new buffers each time) while the server is
+    SIGSTOPped; report RSS growth."""
     payload = b"x" * (_MIB - 64)
     peak = 0
     refused = 0
@@ -267,7 +268,9 @@ def _stall_child(url: str, server_pid: int, cap: int) -> None:
                 nonlocal refused
                 while not stop.is_set():
                     try:
-                        cluster.publish(_SUBJECT, payload, timeout=0.2)
+                        # A new buffer each time, as a forwarder's messages are: the
+                        # library's own copy is what the cap must hold.
+                        cluster.publish(_SUBJECT, bytearray(payload), timeout=0.2)
                     except BufferFullError:
                         refused += 1
 
