@@ -250,7 +250,7 @@ def _stall(url: str, server_pid: int, cap: int) -> dict[str, float]:
 
 
 def _stall_child(url: str, server_pid: int, cap: int) -> None:
-    """Threads publish 1 MiB messages (new buffers each time) while the server is
+    """Threads publish 1 MiB messages (a new payload each time) while the server is
     SIGSTOPped; report RSS growth."""
     payload = b"x" * (_MIB - 64)
     peak = 0
@@ -268,9 +268,9 @@ def _stall_child(url: str, server_pid: int, cap: int) -> None:
                 nonlocal refused
                 while not stop.is_set():
                     try:
-                        # A new buffer each time, as a forwarder's messages are: the
-                        # library's own copy is what the cap must hold.
-                        cluster.publish(_SUBJECT, bytearray(payload), timeout=0.2)
+                        # A new payload each time, as a forwarder's messages are: what the
+                        # library holds of them is what the cap must bound.
+                        cluster.publish(_SUBJECT, payload[:-1] + b"x", timeout=0.2)
                     except BufferFullError:
                         refused += 1
 

@@ -34,9 +34,6 @@ __all__ = ("Outbox",)
 
 T = TypeVar("T")
 
-#: Producers let the consumer run after leasing this many bytes, if it has fallen behind.
-YIELD_BYTES = 1024 * 1024
-
 
 class _Lease:
     """A thread's private slice of the budget."""
@@ -83,7 +80,6 @@ class Outbox(Generic[T]):
         self._wake = wake
         self._cond = threading.Condition(threading.Lock())
         self._available = capacity
-        self._granted = 0  # bytes leased since producers last let the consumer run
         self._returns: deque[int] = deque()
         self._tls = threading.local()
         self._items: deque[T] = deque()
@@ -223,15 +219,6 @@ class Outbox(Generic[T]):
             grant = min(self._available, max(size, self.chunk))
             self._available -= grant
             lease.left = grant
-            self._granted += grant
-            due = self._granted >= YIELD_BYTES
-            if due:
-                self._granted = 0
-        if due and self._items:
-            # The consumer is behind: let it have the GIL now. Producers that never block
-            # keep it from the consumer for whole switch intervals (5 ms each), while the
-            # socket, which only the consumer feeds, runs dry.
-            time.sleep(0)
 
     def _collect_returns(self) -> None:
         while self._returns:
