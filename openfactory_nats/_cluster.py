@@ -320,6 +320,8 @@ class NatsCluster(Incoming):
         self._stats.add("errors")
         self._last_error = exc
         self.logger.warning("cluster %s: error: %s", self.name, describe(exc))
+        if nc is self._attached() and self._fast:
+            self._pump.watch_close(nc)  # the connection may be going: see that nats-py can move on
 
     def _client_disconnected(self, nc: Client) -> None:
         if nc is self.nc and self._life.accepting:  # not when our own close() ends it

@@ -29,9 +29,11 @@ __all__ = (
     "connection_token",
     "divert_pending",
     "drain_subscription",
+    "drop_transport",
     "pending_bytes",
     "same_connection",
     "send_ping",
+    "stuck_bytes",
     "supports_fast_path",
     "transport_closing",
     "wait_writable",
@@ -269,6 +271,23 @@ def buffered_bytes(nc: Client) -> int:
     if transport is not None and not transport.is_closing():
         pending += transport.get_write_buffer_size()
     return pending
+
+
+def stuck_bytes(nc: Client) -> int:
+    """Bytes still held by the transport of a client that is reconnecting and has begun
+    closing it (0 otherwise)."""
+    transport = _asyncio_transport(nc)
+    if not nc.is_reconnecting or transport is None or not transport.is_closing():
+        return 0
+    return transport.get_write_buffer_size()
+
+
+def drop_transport(nc: Client) -> None:
+    """Close the client's transport at once, dropping what it holds (nats-py goes on
+    reconnecting)."""
+    transport = _asyncio_transport(nc)
+    if transport is not None:
+        transport.abort()
 
 
 def abort_transport(nc: Client) -> None:

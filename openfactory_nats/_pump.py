@@ -88,6 +88,7 @@ class Pump:
         self._feeder: asyncio.Task[None] | None = None
         self._public: asyncio.Task[None] | None = None
         self._confirmer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._poll_handle: asyncio.TimerHandle | None = None
         self._unconfirmed: list[list[AnyFrame]] = []
         self._unconfirmed_bytes = 0
@@ -121,7 +122,7 @@ class Pump:
     def salvage(self, nc: Client | None) -> None:
         """The event loop of client *nc* has ended (its tasks are gone): keep the frames
         it never sent (with replay: never confirmed) for the next client."""
-        self._feeder = self._public = self._confirmer = None
+        self._feeder = self._public = self._confirmer = self._closer = None
         self._poll_handle = None
         self.pings = Pings(self.fast)
         self.outbox.scheduled = False
@@ -169,6 +170,7 @@ class Pump:
         if not nc.is_connected:
             self.outbox.scheduled = False  # reconnecting: on_reconnected resumes
             self.reconcile(nc)
+            self.watch_close(nc)
             return
         if self.fast and _natsio.transport_closing(nc):
             # The socket is gone and nats-py has not noticed yet: write nothing more into
@@ -281,6 +283,32 @@ class Pump:
                 await asyncio.sleep(_POLL_INTERVAL)
             backlog = held
             self.on_wake()
+
+    def watch_close(self, nc: Client) -> None:
+        """(The connection is going.) nats-py, before reconnecting, closes the transport
+        and waits until it has written what it holds: into a peer that stopped reading (a
+        stalled server, a half-closed link) that is for ever, and nothing reconnects.
+        What a closing transport holds is replayed or counted as lost in any case: once it
+        stops draining, drop it."""
+        if self._closer is None or self._closer.done():
+            self._closer = asyncio.get_running_loop().create_task(self._watch_close(nc))
+
+    async def _watch_close(self, nc: Client) -> None:
+        held = -1
+        for _ in range(100):  # up to 5 s: nats-py moves on, or it is stuck
+            await asyncio.sleep(0.05)
+            if nc is not self._client() or nc.is_closed or nc.is_connected:
+                return
+            stuck = _natsio.stuck_bytes(nc)
+            if stuck and stuck == held:
+                self.logger.warning(
+                    "cluster %s: the lost connection's socket took nothing for 50 ms; dropping the %d bytes it held",
+                    self.cluster,
+                    stuck,
+                )
+                _natsio.drop_transport(nc)
+                return
+            held = stuck
 
     def reconcile(self, nc: Client) -> None:
         """Give back the budget of bytes that left the process (with replay: that the
@@ -474,7 +502,7 @@ class Pump:
         """Stop the background work; return the messages never handed to the client."""
         if self._poll_handle is not None:
             self._poll_handle.cancel()
-        for task in (self._feeder, self._confirmer):
+        for task in (self._feeder, self._confirmer, self._closer):
             if task is not None:
                 task.cancel()
         self.pings.close()
