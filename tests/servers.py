@@ -143,6 +143,8 @@ class TcpProxy:
         self._cut = False
         self._blackhole = False
         self._closed = False
+        #: Sockets whose pipes stopped reading (see :meth:`stall`).
+        self._stalled: set[int] = set()
         self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
         self._thread.start()
 
@@ -173,6 +175,8 @@ class TcpProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
+                while id(src) in self._stalled and not self._closed:
+                    time.sleep(0.01)
                 data = src.recv(65536)
                 if not data:
                     break
@@ -195,6 +199,21 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
+
+    def stall(self) -> None:
+        """The connections open now stop reading (either way), and stay open: a peer that
+        takes nothing and says nothing. New connections are not affected."""
+        with self._lock:
+            self._stalled.update(id(s) for s in self._conns)
+
+    def hang_up(self) -> None:
+        """Half-close the client side of the connections open now: the client reads EOF,
+        while what it writes is (if stalled) never read."""
+        with self._lock:
+            clients = self._conns[0::2]  # accepted in pairs: (client, upstream)
+        for s in clients:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
 
     def blackhole(self) -> None:
         """A silent partition: connections stay open, but nothing gets through either way."""

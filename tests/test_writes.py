@@ -28,7 +28,7 @@ import pytest
 from openfactory_nats import SyncNatsCluster, _natsio
 from openfactory_nats._natsio import _send_gathered
 
-from .servers import NatsServer, free_port
+from .servers import NatsServer, TcpProxy, free_port
 from .test_faults import wait_until
 
 
@@ -412,3 +412,25 @@ def test_send_gathered_on_a_real_socketpair_with_a_small_send_buffer() -> None:
             received += chunk
         assert bytes(received + transport.written) == b"".join(buffers)
         assert transport.written  # the socket did not take it all
+
+
+# -- a lost connection whose peer stopped reading ------------------------------------------
+def test_a_lost_connection_whose_peer_stopped_reading_does_not_stall_the_reconnection(
+    server: NatsServer, proxy: TcpProxy, logger: logging.Logger, subscriber_factory: Any
+) -> None:
+    """nats-py, before reconnecting, waits until the old transport has written what it
+    holds: into a peer that reads nothing any more, for ever. The transport is dropped
+    instead (its frames are replayed), and the client reconnects."""
+    sub = subscriber_factory(server.url, "big.>")
+    size = 256 * 1024
+    with SyncNatsCluster("C1", [proxy.url], logger, reconnect_time_wait=0.1, timeout=10) as nats:
+        nats.connect()
+        proxy.stall()
+        for i in range(80):  # some 20 MB: more than the sockets take, the rest held by the client
+            nats.publish("big.data", payload_for(i, size))
+        wait_until(lambda: nats.stats()["unsent_bytes"] > 4 * size, timeout=10)
+        proxy.hang_up()  # EOF for the client, whose transport still holds bytes
+        wait_until(lambda: nats.stats()["reconnects"] >= 1, timeout=10)
+        nats.flush(15)
+    got = {bytes(m.data) for m in sub.settle(quiet=0.5, timeout=20)}
+    assert got == {payload_for(i, size) for i in range(80)}
