@@ -205,15 +205,7 @@ class Pump:
             self.in_flight += nbytes  # counted before writing: a failed write loses nothing silently
             self.stats.add("published", len(frames))
             self.stats.add("bytes", nbytes)
-            if self.replay:
-                self._unconfirmed.append(frames)
-                self._unconfirmed_bytes += nbytes
-            _natsio.write_frames(nc, frames, nbytes)
-            if self.replay:
-                if self._unconfirmed_bytes >= self.high_water:
-                    self._request_confirmation(nc)  # don't let a fast sender wait for the tick
-                if self._confirmer is None or self._confirmer.done():
-                    self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
+            self._write(nc, frames, nbytes)
             room = _natsio.write_room(nc, self.high_water)
         if (len(self.outbox) or self._replay) and (self._feeder is None or self._feeder.done()):
             self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
@@ -233,16 +225,24 @@ class Pump:
             frames.append(frame)
             nbytes += len(frame)
         self.stats.add("replayed", len(frames))
+        self._write(nc, frames, nbytes)
+        return nbytes
+
+    def _write(self, nc: Client, frames: list[AnyFrame], nbytes: int) -> None:
+        """Write *frames*; with replay, keep them until a PONG confirms them (kept before
+        the write, so that a failed write loses nothing)."""
         if self.replay:
             self._unconfirmed.append(frames)
             self._unconfirmed_bytes += nbytes
         _natsio.write_frames(nc, frames, nbytes)
         if self.replay:
             if self._unconfirmed_bytes >= self.high_water:
-                self._request_confirmation(nc)
-            if self._confirmer is None or self._confirmer.done():
-                self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
-        return nbytes
+                self._request_confirmation(nc)  # don't let a fast sender wait for the tick
+            self._confirm_soon(nc)
+
+    def _confirm_soon(self, nc: Client) -> None:
+        if self._confirmer is None or self._confirmer.done():
+            self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
 
     async def _pump_public(self, nc: Client) -> None:
         # Only while connected: during an outage messages wait in the outbox, within the
@@ -438,8 +438,8 @@ class Pump:
             self._replay_token = token  # the replay goes out on this connection, in slices
         self.pings.reconnected(nc)
         self.on_wake()  # the replay first, then what waited during the outage
-        if self.replay and self._unconfirmed and (self._confirmer is None or self._confirmer.done()):
-            self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
+        if self.replay and self._unconfirmed:
+            self._confirm_soon(nc)
 
     def lose_in_flight(self, why: str) -> None:
         """The client dropped its buffer: count and log the loss."""
