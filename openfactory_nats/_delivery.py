@@ -29,6 +29,7 @@ time, or arriving after the close; not reported).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import threading
@@ -135,6 +136,9 @@ class Inbox:
         # Pull mode: readers wait on this condition of the short lock (which waiting
         # releases); an offer wakes as many readers as it brings messages, not all of them.
         self._readable = threading.Condition(self._lock)
+        self._idle = 0  # pull mode: readers waiting for a message (under the lock)
+        self._spread: float | None = None  # see wake_lazily
+        self._spreading = False  # a look at the waiting messages is scheduled (under the lock)
         self._done = threading.Event()  # set once nothing is or will be delivered any more
         self._token = threading.Lock()  # callback modes: held while queued on or run by a worker
         # Counters; the comment says who writes each.
@@ -215,8 +219,8 @@ class Inbox:
             else:
                 dropped = self._offer_some(batch)
                 self._dropped += dropped
-            if self._callback is None and items:
-                self._readable.notify(len(batch))
+            if self._callback is None and items and self._idle:
+                self._wake_readers(len(batch))
         if dropped:
             self._note_drops()
         if not items or self._callback is None:
@@ -224,6 +228,36 @@ class Inbox:
         if self._token.acquire(False):
             assert self._dispatcher is not None
             self._dispatcher._submit(self)
+
+    def wake_lazily(self, after: float) -> None:
+        """Pull mode, for readers that are workers of one job (``serve``): an offer wakes
+        one waiting reader, and more only when messages still wait *after* seconds later.
+        When one reader keeps up, the others sleep on, instead of each waking (and taking
+        the interpreter lock from the others) for a message that is gone already."""
+        self._spread = check_timeout(after, "after")
+
+    def _wake_readers(self, count: int) -> None:
+        """(Under the lock) Wake readers for *count* new messages."""
+        spread = self._spread
+        if spread is None or count == 1 or self._idle == 1:
+            self._readable.notify(count)
+            return
+        self._readable.notify(1)
+        if self._spreading:
+            return
+        try:
+            asyncio.get_running_loop().call_later(spread, self._spread_readers)
+        except RuntimeError:  # offered from outside an event loop: wake them all now
+            self._readable.notify(count - 1)
+            return
+        self._spreading = True
+
+    def _spread_readers(self) -> None:
+        """(The loop, *spread* s after an offer) Wake readers for the messages still waiting."""
+        with self._lock:
+            self._spreading = False
+            if self._items and self._idle:
+                self._readable.notify(len(self._items))
 
     def _offer_some(self, batch: list[Msg]) -> int:
         """Append the messages of *batch* that fit, each in turn; return how many did not."""
@@ -301,16 +335,17 @@ class Inbox:
                         cluster=self.cluster,
                         subject=self.subject,
                     )
-                if deadline is None:
-                    self._readable.wait()
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     raise ClusterTimeoutError(
                         f"cluster {self.cluster!r}: no message on {self.subject!r} within {limit:g} s",
                         cluster=self.cluster,
                     )
-                self._readable.wait(remaining)
+                self._idle += 1
+                try:
+                    self._readable.wait(remaining)
+                finally:
+                    self._idle -= 1
 
     def _take(self) -> Msg:
         """Pop the oldest message; the caller holds the lock and has seen one waiting."""

@@ -26,7 +26,16 @@ from ._receiving import Receiver, Receivers, Sink
 from ._requests import Replies, Waiter, build_request_frame, check_reply
 from ._stats import Stats
 from ._subscription import AsyncCallback, AsyncSubscription
-from ._wire import Frame, build_frame, check_timeout, encode_headers, frame_head, payload_bytes, subject_bytes
+from ._wire import (
+    Frame,
+    build_frame,
+    check_timeout,
+    encode_headers,
+    frame_head,
+    payload_bytes,
+    subject_bytes,
+    wire_subject,
+)
 
 __all__ = ("Incoming",)
 
@@ -86,7 +95,8 @@ class Incoming:
         task = self._replies_task
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             replies = self._replies = Replies(self.name)
-            receiver = Receiver(replies.subject, None, replies, None, internal=True)
+            replies.on_relay_end = self._pump.outbox.kick
+            receiver = Receiver(replies.subject, None, replies, None, internal=True, direct=replies.deliver)
             # Shared by every first request: bounded on its own, not by the first caller's timeout.
             bound = max(timeout, self.connect_timeout)
             task = self._replies_task = asyncio.get_running_loop().create_task(self.add_receiver(receiver, bound))
@@ -116,7 +126,10 @@ class Incoming:
             copied = dict(headers) if isinstance(headers, Mapping) else None
             item = (subject, data, copied, len(frame), reply.decode())
         try:
-            self._pump.outbox.put(item, len(frame), timeout)
+            # While answered requesters are being woken, what they send next waits for
+            # the last of them (see Replies), to leave in one write.
+            replies = self._replies
+            self._pump.outbox.put(item, len(frame), timeout, wake=replies is None or not replies.relaying())
         except BufferFullError:
             self._stats.add("refused")
             raise
@@ -147,7 +160,7 @@ class Incoming:
         replies = await self.ensure_replies(wait)
         waiter = replies.expect(loop.create_future())
         try:
-            while not self.offer_request(subject, replies.reply_to(waiter), payload, headers, 0.0):
+            while not self.offer_request(subject, waiter.reply, payload, headers, 0.0):
                 await self._connect(max(0.0, deadline - loop.time()))
             done, _ = await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - loop.time()))
         finally:
@@ -203,7 +216,8 @@ class Incoming:
         :raises ClusterUnavailableError: when no client is open (the reply is not sent).
         """
         on_loop = self._loop is not None and asyncio._get_running_loop() is self._loop
-        if not self.offer(reply, data, headers, 0.0 if on_loop else self.connect_timeout):
+        subject = wire_subject(reply) if self._fast else reply
+        if not self.offer(subject, data, headers, 0.0 if on_loop else self.connect_timeout):
             raise self._lost_error("respond")
 
     async def add_receiver(self, receiver: Receiver, timeout: float) -> None:

@@ -1,9 +1,11 @@
 """The few places where the library reaches into nats-py's client.
 
-nats-py builds one protocol frame per ``publish`` and wakes its flusher task each time.
-The fast path instead appends frames that were built in the publishing threads to the
-client's pending buffer in batches, which is what ``publish`` does internally, minus the
-per-message overhead. It relies on private attributes of ``nats.aio.client.Client``;
+nats-py builds one protocol frame per ``publish`` and wakes its flusher task each time,
+and one message object per received message, queued for its subscription's task. The
+fast path instead writes frames built in the publishing threads to the connection in
+batches (:func:`write_frames`), after nats-py's own pending commands, and hands each
+received message of the library's subscriptions from nats-py's parser straight to its
+receiver (:func:`route_messages`). It relies on private attributes of ``nats.aio.client.Client``;
 :func:`supports_fast_path` checks that they are there (tested against the nats-py range
 that ``setup.cfg`` pins), and the library falls back to the public ``publish`` when they
 are not, or when ``OPENFACTORY_NATS_PUBLIC_API=1`` is set.
@@ -15,7 +17,7 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nats.aio.client import Client
@@ -49,7 +51,17 @@ _OWN_BUFFER = 2048  # frames this large are written from where they are, not joi
 #: Before 3.12, asyncio's socket transport joins the buffers given to ``writelines``.
 _JOINS_LINES = sys.version_info < (3, 12)
 
-_REQUIRED = ("_pending", "_pending_data_size", "_flush_queue", "_transport", "_status", "_pongs")
+_REQUIRED = (
+    "_pending",
+    "_pending_data_size",
+    "_flush_queue",
+    "_transport",
+    "_status",
+    "_pongs",
+    "_process_msg",
+    "_process_headers",
+    "stats",
+)
 
 
 def supports_fast_path() -> bool:
@@ -83,6 +95,38 @@ async def drain_subscription(nc: Client, sub: Subscription, timeout: float) -> b
     nc._remove_sub(sub._id)
     sub._closed = True
     return answered
+
+
+#: ``deliver(subject, reply, data, headers)``: a message of a routed subscription.
+Deliver = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
+_ROUTES = "_openfactory_nats_routes"
+
+
+def route_messages(nc: Client, sid: int, deliver: Deliver | None) -> None:
+    """Hand the messages of subscription *sid* to *deliver* as nats-py's parser reads
+    them, instead of building a nats-py message each and queueing it (None: stop)."""
+    routes: dict[int, Deliver] | None = nc.__dict__.get(_ROUTES)
+    if routes is None:
+        routes = {}
+        setattr(nc, _ROUTES, routes)
+        original = nc._process_msg
+        stats = nc.stats
+        process_headers = nc._process_headers
+
+        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+            deliver = routes.get(sid)
+            if deliver is None:
+                await original(sid, subject, reply, data, headers)
+                return
+            stats["in_msgs"] += 1
+            stats["in_bytes"] += len(data)
+            deliver(subject, reply, data, await process_headers(headers) if headers else None)
+
+        nc._process_msg = process_msg  # type: ignore[method-assign]
+    if deliver is None:
+        routes.pop(sid, None)
+    else:
+        routes[sid] = deliver
 
 
 def divert_pending(sub: Subscription, queue: Any) -> None:

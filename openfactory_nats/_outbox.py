@@ -99,8 +99,10 @@ class Outbox(Generic[T]):
         self.waiters = 0
 
     # -- producer side (any thread) ---------------------------------------------------
-    def put(self, item: T, size: int, timeout: float) -> None:
+    def put(self, item: T, size: int, timeout: float, wake: bool = True) -> None:
         """Queue *item* of *size* bytes, waiting up to *timeout* seconds for room.
+        Without *wake*, the consumer is not woken for it: the caller makes sure that a
+        later :meth:`put` or :meth:`kick` does.
 
         :raises BufferFullError: when there is still no room after *timeout* seconds.
         :raises ClusterClosedError: once :meth:`shut` was called and the consumer took
@@ -113,7 +115,13 @@ class Outbox(Generic[T]):
         self._items.append(item)
         if self._shut:
             self._after_shut()
-        if not self.scheduled:
+        if wake and not self.scheduled:
+            self.scheduled = True
+            self._wake()
+
+    def kick(self) -> None:
+        """Wake the consumer when items wait and no wake-up is pending (any thread)."""
+        if self._items and not self.scheduled:
             self.scheduled = True
             self._wake()
 

@@ -5,6 +5,8 @@ nats-py subscription of the current client and collects what nats-py delivers du
 one pass of the event loop into one batch, handed to its *sink* (the thread-side
 :class:`~openfactory_nats._delivery.Inbox`, or an asyncio queue) with a single call: one
 wake-up of the consumer per batch, as the publish path does in the other direction.
+On the fast path nats-py's parser hands each message straight to its receiver
+(``_natsio.route_messages``), without building a nats-py message on the way.
 
 nats-py re-sends its subscriptions after a reconnection by itself; when the cluster's
 client is replaced (nats-py gave up, or the event loop ended), :class:`Receivers`
@@ -51,10 +53,19 @@ class Receiver:
     :param queue: the queue group, or None.
     :param sink: receives the batches.
     :param responder: what :meth:`Msg.respond` of the messages calls.
+    :param direct: takes each message as nats-py reads it, instead of the sink taking
+        them in batches (the reply inbox: its callers wait for nothing else).
     """
 
     def __init__(
-        self, subject: str, queue: str | None, sink: Sink, responder: Responder | None, *, internal: bool = False
+        self,
+        subject: str,
+        queue: str | None,
+        sink: Sink,
+        responder: Responder | None,
+        *,
+        internal: bool = False,
+        direct: _natsio.Deliver | None = None,
     ) -> None:
         self.subject = subject
         #: The library's own (the reply inbox): not counted as a user's subscription.
@@ -62,17 +73,28 @@ class Receiver:
         self.queue = queue
         self.sink = sink
         self.responder = responder
+        self._direct = direct
         self.received = 0
         self._sub: Any = None
         self._nc: Client | None = None
         self._fast = False
-        self._batch: list[NatsMsg] = []
+        self._batch: list[Msg] = []
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    # -- what nats-py calls (the pending queue of its subscription) --------------------
-    def put_nowait(self, msg: NatsMsg) -> None:
+    # -- what nats-py calls -------------------------------------------------------------
+    def deliver(self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        """A message as nats-py's parser reads it (see ``_natsio.route_messages``)."""
+        msg = Msg(subject.decode(), data, headers, reply.decode() if reply else None, responder=self.responder)
         self._batch.append(msg)
+        if not self._scheduled:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self.hand_over)
+
+    def put_nowait(self, msg: NatsMsg) -> None:
+        """A nats-py message (the subscription's pending queue, or its callback)."""
+        self._batch.append(Msg(msg.subject, msg.data, msg.headers, msg.reply or None, responder=self.responder))
         if not self._scheduled:
             self._scheduled = True
             assert self._loop is not None
@@ -100,9 +122,8 @@ class Receiver:
         batch, self._batch = self._batch, []
         if not batch:
             return
-        responder = self.responder
         self.received += len(batch)
-        self.sink.offer([Msg(m.subject, m.data, m.headers, m.reply or None, responder=responder) for m in batch])
+        self.sink.offer(batch)
 
     # -- the nats-py subscription ------------------------------------------------------
     async def attach(self, nc: Client, fast: bool) -> None:
@@ -114,6 +135,7 @@ class Receiver:
         if fast:
             sub = await nc.subscribe(self.subject, queue=self.queue or "", pending_msgs_limit=0, pending_bytes_limit=0)
             _natsio.divert_pending(sub, self)
+            _natsio.route_messages(nc, sub._id, self._direct or self.deliver)
         else:
             sub = await nc.subscribe(
                 self.subject, queue=self.queue or "", cb=self._on_msg, pending_msgs_limit=0, pending_bytes_limit=0
@@ -130,12 +152,16 @@ class Receiver:
         sub, self._sub = self._sub, None
         done = True
         if sub is not None:
-            with contextlib.suppress(nats.errors.Error, OSError):
-                if drain and self._fast:
-                    assert self._nc is not None
-                    done = await _natsio.drain_subscription(self._nc, sub, timeout)
-                else:
-                    await sub.unsubscribe()
+            try:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    if drain and self._fast:
+                        assert self._nc is not None
+                        done = await _natsio.drain_subscription(self._nc, sub, timeout)
+                    else:
+                        await sub.unsubscribe()
+            finally:
+                if self._fast and self._nc is not None:
+                    _natsio.route_messages(self._nc, sub._id, None)
         self.hand_over()
         return done
 

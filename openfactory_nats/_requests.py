@@ -18,7 +18,8 @@ import asyncio
 import itertools
 import secrets
 import threading
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 
 from ._errors import ClusterClosedError, NatsClusterError, NoRespondersError, ServiceError
 from ._message import Msg
@@ -34,12 +35,16 @@ _NO_RESPONDERS = "503"
 class Waiter:
     """One caller waiting for its reply: a blocked thread, or a future on the loop."""
 
-    __slots__ = ("_future", "_lock", "error", "msg", "token")
+    __slots__ = ("_future", "_lock", "error", "finished", "msg", "reply", "token")
 
-    def __init__(self, token: str, future: asyncio.Future[None] | None = None) -> None:
+    def __init__(self, token: bytes, reply: bytes, future: asyncio.Future[None] | None = None) -> None:
         self.token = token
+        #: The subject the reply is to be sent to.
+        self.reply = reply
         self.msg: Msg | None = None
         self.error: NatsClusterError | None = None
+        #: Its caller is done with it (answered or not): it is not woken any more.
+        self.finished = False
         self._future = future
         self._lock: threading.Lock | None = None
         if future is None:
@@ -77,15 +82,30 @@ def _set_result(future: asyncio.Future[None]) -> None:
 
 
 class Replies:
-    """The sink of a cluster's inbox subscription (see the module docstring)."""
+    """The sink of a cluster's inbox subscription (see the module docstring).
+
+    Threads waiting for replies are woken one after the other, not all at once: the
+    loop wakes the first of those answered, and each passes the turn on to the next as
+    it leaves :meth:`forget`. Woken all at once, they would queue for the interpreter
+    lock, each sleeping and waking once more. Requests sent while such a relay runs
+    wait for it to end (see :meth:`relaying`), so that they leave in one write, as
+    they do from asyncio tasks.
+    """
 
     def __init__(self, cluster: str) -> None:
         self.cluster = cluster
         self.prefix = f"_INBOX.{secrets.token_hex(11)}"
         self._prefix_bytes = f"{self.prefix}.".encode()
+        self._start = len(self._prefix_bytes)
         self._tokens = itertools.count(1)
-        self._waiting: dict[str, Waiter] = {}
+        self._waiting: dict[bytes, Waiter] = {}
         self._closed = False
+        # The relay: the answered thread whose turn it is, and those after it.
+        self._turn: Waiter | None = None
+        self._queue: deque[Waiter] = deque()
+        self._relay_lock = threading.Lock()
+        #: Called (on a requesting thread) when a relay ends, to send what it queued.
+        self.on_relay_end: Callable[[], object] = lambda: None
         #: Replies that came for no caller (it had given up): dropped.
         self.late = 0
         self.dropped = 0  # the sink protocol: nothing is ever dropped for lack of room
@@ -97,41 +117,88 @@ class Replies:
         return f"{self.prefix}.*"
 
     def expect(self, future: asyncio.Future[None] | None = None) -> Waiter:
-        """Register a caller (any thread); its reply subject is :meth:`reply_to`.
+        """Register a caller (any thread); its reply subject is ``waiter.reply``.
 
         :raises ClusterClosedError: once the cluster is closing.
         """
-        waiter = Waiter(str(next(self._tokens)), future)
-        self._waiting[waiter.token] = waiter
+        token = b"%d" % next(self._tokens)
+        waiter = Waiter(token, self._prefix_bytes + token, future)
+        self._waiting[token] = waiter
         if self._closed:
-            self._waiting.pop(waiter.token, None)
+            self._waiting.pop(token, None)
             raise ClusterClosedError(f"cluster {self.cluster!r} is closed", cluster=self.cluster)
         return waiter
 
     def waiting(self, reply: bytes) -> bool:
         """False for a reply subject of this inbox that nobody waits on any more; True
         for anything else."""
-        prefix = self._prefix_bytes
-        if not reply.startswith(prefix):
+        if not reply.startswith(self._prefix_bytes):
             return True
-        return reply[len(prefix) :].decode("ascii", "replace") in self._waiting
+        return reply[self._start :] in self._waiting
 
-    def reply_to(self, waiter: Waiter) -> bytes:
-        return f"{self.prefix}.{waiter.token}".encode()
+    def relaying(self) -> bool:
+        """True while answered threads are being woken (any thread)."""
+        return self._turn is not None
 
     def forget(self, waiter: Waiter) -> None:
-        """The caller is done (answered or not): a reply coming later is dropped."""
+        """The caller is done (answered or not): a reply coming later is dropped. A
+        thread whose turn it was passes it on (see the class docstring)."""
         self._waiting.pop(waiter.token, None)
+        if waiter._lock is None:
+            return
+        with self._relay_lock:
+            waiter.finished = True
+            if self._turn is not waiter:
+                return
+            after = self._next_turn()
+        if after is not None:
+            after._done()
+        else:
+            self.on_relay_end()
+
+    def _next_turn(self) -> Waiter | None:
+        """(Under the relay lock) The next answered waiter still waiting, whose turn it is now."""
+        queue = self._queue
+        while queue:
+            waiter = queue.popleft()
+            if not waiter.finished:
+                self._turn = waiter
+                return waiter
+        self._turn = None
+        return None
+
+    def _answer(self, waiter: Waiter, msg: Msg) -> None:
+        if waiter._lock is None:
+            waiter.complete(msg)
+            return
+        with self._relay_lock:
+            if waiter.finished:  # it gave up meanwhile
+                self.late += 1
+                return
+            waiter.msg = msg
+            if self._turn is not None:
+                self._queue.append(waiter)
+                return
+            self._turn = waiter
+        waiter._done()
+
+    def deliver(self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        """(The loop) A reply, as nats-py reads it: hand it to its caller."""
+        waiter = self._waiting.pop(subject[self._start :], None)
+        if waiter is None:
+            self.late += 1
+            return
+        self._answer(waiter, Msg(subject.decode(), data, headers, reply.decode() if reply else None))
 
     def offer(self, batch: list[Msg]) -> None:
-        """(The loop) Hand each reply to its caller."""
-        start = len(self.prefix) + 1
+        """(The loop) Hand each reply to its caller (the sink protocol)."""
+        start = self._start
         for msg in batch:
-            waiter = self._waiting.pop(msg.subject[start:], None)
+            waiter = self._waiting.pop(msg.subject[start:].encode(), None)
             if waiter is None:
                 self.late += 1
             else:
-                waiter.complete(msg)
+                self._answer(waiter, msg)
 
     def fail_all(self, error: NatsClusterError) -> None:
         """Wake every caller with *error* (any thread); refuse new ones from now on."""
@@ -139,7 +206,12 @@ class Replies:
         self.fail_waiting(error)
 
     def fail_waiting(self, error: NatsClusterError) -> None:
-        """Wake every caller waiting now with *error* (any thread)."""
+        """Wake every caller waiting now with *error* (any thread); those answered
+        already, waiting for their turn, are woken with their reply."""
+        with self._relay_lock:
+            answered, self._queue = list(self._queue), deque()
+        for waiter in answered:
+            waiter._done()
         while self._waiting:
             try:
                 _, waiter = self._waiting.popitem()

@@ -19,7 +19,10 @@ from ._errors import InvalidMessageError, InvalidTypeError, NatsClusterError
 from ._message import Msg
 from ._requests import error_headers
 
-__all__ = ("Handler", "reply_of", "start_workers")
+__all__ = ("SPREAD_AFTER", "Handler", "reply_of", "start_workers")
+
+#: Seconds requests wait for a busy worker before the idle workers are woken for them.
+SPREAD_AFTER = 0.002
 
 Handler = Callable[[Msg], Any]
 

@@ -31,7 +31,7 @@ from ._lifecycle import ClusterState
 from ._loop import LoopThread, SharedLoop, keep_inherited
 from ._message import Msg
 from ._receiving import Receiver
-from ._serving import Handler, check_workers, start_workers
+from ._serving import SPREAD_AFTER, Handler, check_workers, start_workers
 from ._subscription import Subscription, open_subscription
 from ._wire import check_timeout
 
@@ -355,6 +355,7 @@ class SyncNatsCluster:
         """
         count = check_workers(handler, workers)
         sub = self.subscribe(subject, queue=queue, timeout=timeout)
+        sub._inbox.wake_lazily(SPREAD_AFTER)
         threads = start_workers(
             sub._inbox.__iter__, handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"
         )
@@ -383,18 +384,24 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         :raises WrongThreadError: on the event-loop thread.
         """
-        wait = self._wait(timeout)
-        core = self._enter()
+        if self._forked:
+            self._renew_after_fork()
+        if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        wait = self._timeout if timeout is None else check_timeout(timeout)
+        core = self._core
         deadline = time.monotonic() + wait
         replies = core.replies()
         if replies is None:
+            core.check_open()
             core.prepare(subject, payload, headers)  # bad input raises before connecting
             replies = self._call(core.ensure_replies(wait), wait + 1.0)
         waiter = replies.expect()
         try:
-            reply_to = replies.reply_to(waiter)
-            while not core.offer_request(subject, reply_to, payload, headers, max(0.0, deadline - time.monotonic())):
+            remaining = wait
+            while not core.offer_request(subject, waiter.reply, payload, headers, remaining):
                 self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
+                remaining = max(0.0, deadline - time.monotonic())
             answered = waiter.wait(deadline - time.monotonic())
         finally:
             replies.forget(waiter)

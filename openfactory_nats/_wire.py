@@ -16,6 +16,7 @@ __all__ = (
     "MAX_SUBJECT_BYTES",
     "SPLIT_PAYLOAD",
     "Frame",
+    "WireSubject",
     "build_frame",
     "check_timeout",
     "encode_headers",
@@ -24,6 +25,7 @@ __all__ = (
     "split_frame",
     "subject_bytes",
     "validate_subject",
+    "wire_subject",
 )
 
 #: Longest subject accepted, in UTF-8 bytes. The server's control line is 4 KiB by default,
@@ -40,6 +42,22 @@ _HEADER_VALUE_BAD_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 _CACHE_LIMIT = 4096
 _subject_cache: dict[str, bytes] = {}
+
+
+class WireSubject(bytes):
+    """A subject as the server delivered it (a message's reply subject), encoded: it is
+    published as it is, neither validated again nor cached (each request has its own)."""
+
+    __slots__ = ()
+
+
+def wire_subject(subject: str) -> str | WireSubject:
+    """*subject* (a reply subject received from the server) ready to publish to; one that
+    cannot have come from the server (whitespace, control characters) is returned as it
+    is, for the usual validation to refuse."""
+    if subject.isprintable() and " " not in subject:
+        return WireSubject(subject.encode("utf-8", "surrogatepass"))
+    return subject
 
 
 def validate_subject(subject: object) -> str:
@@ -72,6 +90,8 @@ def subject_bytes(subject: object) -> bytes:
         cached = _subject_cache.get(subject)
         if cached is not None:
             return cached
+    elif type(subject) is WireSubject:
+        return subject
     checked = validate_subject(subject)
     encoded = checked.encode("utf-8")
     if type(subject) is str:

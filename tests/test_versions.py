@@ -57,12 +57,25 @@ def test_a_cluster_publishes_and_receives_on_the_fast_path(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """On a real server: publishing never calls nats-py's per-message ``publish`` and
-    receiving never goes through the per-message callback, and nothing warns."""
+    """On a real server: publishing never calls nats-py's per-message ``publish``;
+    receiving (replies included) never builds a nats-py message or goes through the
+    per-message callback or queue; and nothing warns."""
     monkeypatch.delenv("OPENFACTORY_NATS_PUBLIC_API", raising=False)
     public_calls: list[str] = []
     original_publish = Client.publish
     original_on_msg = Receiver._on_msg
+    original_put = Receiver.put_nowait
+    original_build = Client._build_message
+    clients: list[Client] = []
+
+    def counting_build(self: Client, *args: Any, **kwargs: Any) -> Any:
+        if self in clients:
+            public_calls.append("Client._build_message")
+        return original_build(self, *args, **kwargs)
+
+    def counting_put(self: Receiver, msg: Any) -> None:
+        public_calls.append("Receiver.put_nowait")
+        original_put(self, msg)
 
     async def counting_publish(self: Client, *args: Any, **kwargs: Any) -> None:
         public_calls.append("Client.publish")
@@ -74,9 +87,16 @@ def test_a_cluster_publishes_and_receives_on_the_fast_path(
 
     monkeypatch.setattr(Client, "publish", counting_publish)
     monkeypatch.setattr(Receiver, "_on_msg", counting_on_msg)
+    monkeypatch.setattr(Receiver, "put_nowait", counting_put)
+    monkeypatch.setattr(Client, "_build_message", counting_build)
     outside = subscriber_factory(server.url, "fast.>")
     with caplog.at_level(logging.WARNING), SyncNatsCluster("fast", [server.url], logger) as nats:
         assert nats.cluster._fast is True
+        nats.connect()
+        assert nats.cluster.nc is not None
+        clients.append(nats.cluster.nc)
+        nats.serve("fast-service", lambda msg: b"re:" + msg.data)
+        assert [nats.request("fast-service", b"%d" % i).data for i in range(10)] == [b"re:%d" % i for i in range(10)]
         with nats.subscribe("fast.>") as sub:
 
             def publish(thread: int) -> None:
@@ -95,6 +115,8 @@ def test_a_cluster_publishes_and_receives_on_the_fast_path(
     for thread in range(2):
         assert [m.data for m in got if m.subject == f"fast.{thread}"] == [b"%d" % i for i in range(1000)]
         assert [m.data for m in received if m.subject == f"fast.{thread}"] == [b"%d" % i for i in range(1000)]
-    assert stats["published"] == 2000 and stats["received"] == 2000
+    # 2000 messages, 10 requests and 10 replies out; 2000 messages and 10 requests in
+    # (the replies come through the library's inbox, not a user's subscription).
+    assert stats["published"] == 2020 and stats["received"] == 2010
     assert public_calls == []
     assert not [r for r in caplog.records if "public publish API" in r.getMessage()]
