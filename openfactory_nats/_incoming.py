@@ -126,10 +126,14 @@ class Incoming:
             copied = dict(headers) if isinstance(headers, Mapping) else None
             item = (subject, data, copied, len(frame), reply.decode())
         try:
-            # While answered requesters are being woken, what they send next waits for
-            # the last of them (see Replies), to leave in one write.
+            outbox = self._pump.outbox
+            outbox.put(item, len(frame), timeout, wake=False)
+            # While answered requesters are being woken, what they send waits for the last
+            # of them to leave in one write (see Replies: the relay's end kicks the outbox).
+            # Looked at after queueing: a relay ending meanwhile has seen the frame.
             replies = self._replies
-            self._pump.outbox.put(item, len(frame), timeout, wake=replies is None or not replies.relaying())
+            if replies is None or not replies.relaying():
+                outbox.kick()
         except BufferFullError:
             self._stats.add("refused")
             raise

@@ -93,8 +93,8 @@ def test_requests_queued_during_a_relay_are_sent_when_it_ends() -> None:
     answer(replies, a, b)
     replies.forget(a)  # a asks again at once, while b is being woken
     assert replies.relaying()
-    outbox.put(b"PUB x 0\r\n\r\n", 11, 0.0, wake=not replies.relaying())
-    assert woken == []
+    outbox.put(b"PUB x 0\r\n\r\n", 11, 0.0, wake=False)  # as offer_request queues a request
+    assert replies.relaying() and woken == []
     replies.forget(b)  # b asks nothing more: the relay's end sends a's request
     assert woken == [1]
     assert outbox.take() == [b"PUB x 0\r\n\r\n"]
