@@ -35,7 +35,16 @@ from ._receiving import Receivers
 from ._redact import redact_url
 from ._requests import Replies
 from ._stats import Stats
-from ._wire import SPLIT_PAYLOAD, Frame, build_frame, check_timeout, frame_size, payload_bytes, split_frame
+from ._wire import (
+    SPLIT_PAYLOAD,
+    Frame,
+    WireSubject,
+    build_frame,
+    check_timeout,
+    frame_size,
+    payload_bytes,
+    split_frame,
+)
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
@@ -407,7 +416,8 @@ class NatsCluster(Incoming):
             else:
                 frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
                 copied = dict(headers) if isinstance(headers, Mapping) else None
-                outbox.put((subject, payload_bytes(payload), copied, len(frame), ""), len(frame), timeout)
+                name = subject.decode() if isinstance(subject, WireSubject) else subject
+                outbox.put((name, payload_bytes(payload), copied, len(frame), ""), len(frame), timeout)
         except BufferFullError:
             self._stats.add("refused")
             raise

@@ -217,11 +217,13 @@ class Incoming:
         """What :meth:`Msg.respond` calls: queue a reply, from any thread; on the event
         loop it never waits (a full buffer raises ``BufferFullError`` at once).
 
+        :raises InvalidMessageError: for a reply subject one cannot publish to (too
+            long, an empty token, a wildcard): the server would drop the reply, or close
+            the connection.
         :raises ClusterUnavailableError: when no client is open (the reply is not sent).
         """
         on_loop = self._loop is not None and asyncio._get_running_loop() is self._loop
-        subject = wire_subject(reply) if self._fast else reply
-        if not self.offer(subject, data, headers, 0.0 if on_loop else self.connect_timeout):
+        if not self.offer(wire_subject(reply), data, headers, 0.0 if on_loop else self.connect_timeout):
             raise self._lost_error("respond")
 
     async def add_receiver(self, receiver: Receiver, timeout: float) -> None:

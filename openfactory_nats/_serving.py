@@ -22,7 +22,7 @@ from ._requests import error_headers
 __all__ = ("SPREAD_AFTER", "Handler", "reply_of", "start_workers")
 
 #: Seconds requests wait for a busy worker before the idle workers are woken for them.
-SPREAD_AFTER = 0.002
+SPREAD_AFTER = 0.001
 
 Handler = Callable[[Msg], Any]
 

@@ -398,10 +398,10 @@ class SyncNatsCluster:
             replies = self._call(core.ensure_replies(wait), wait + 1.0)
         waiter = replies.expect()
         try:
-            remaining = wait
-            while not core.offer_request(subject, waiter.reply, payload, headers, remaining):
+            while not core.offer_request(
+                subject, waiter.reply, payload, headers, max(0.0, deadline - time.monotonic())
+            ):
                 self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
-                remaining = max(0.0, deadline - time.monotonic())
             answered = waiter.wait(deadline - time.monotonic())
         finally:
             replies.forget(waiter)

@@ -45,19 +45,19 @@ _subject_cache: dict[str, bytes] = {}
 
 
 class WireSubject(bytes):
-    """A subject as the server delivered it (a message's reply subject), encoded: it is
-    published as it is, neither validated again nor cached (each request has its own)."""
+    """A subject validated and encoded once, for one message: published as it is, and
+    not cached (each request's reply subject is its own)."""
 
     __slots__ = ()
 
 
-def wire_subject(subject: str) -> str | WireSubject:
-    """*subject* (a reply subject received from the server) ready to publish to; one that
-    cannot have come from the server (whitespace, control characters) is returned as it
-    is, for the usual validation to refuse."""
-    if subject.isprintable() and " " not in subject:
-        return WireSubject(subject.encode("utf-8", "surrogatepass"))
-    return subject
+def wire_subject(subject: object) -> WireSubject:
+    """Validate a subject used once (the reply subject of a request) and encode it,
+    without filling the cache of the subjects published to again and again.
+
+    :raises InvalidTypeError, InvalidMessageError: as :func:`validate_subject`.
+    """
+    return WireSubject(validate_subject(subject).encode("utf-8"))
 
 
 def validate_subject(subject: object) -> str:

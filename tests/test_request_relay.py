@@ -1,6 +1,6 @@
 """How waiting threads are woken: answered requesters one after the other (the relay),
 requests queued during a relay sent when it ends, serve workers woken when requests wait,
-and reply subjects sent as the server gave them.
+and reply subjects validated but not cached.
 
 The relay's bookkeeping is pure logic and is tested on :class:`Replies` directly; what
 involves the server is tested against a real one."""
@@ -164,9 +164,24 @@ def test_lazy_readers_outside_an_event_loop_are_all_woken() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_replies_are_sent_to_the_subject_the_server_gave_and_not_cached(
-    service: SyncNatsCluster, client: SyncNatsCluster
+@pytest.mark.parametrize("public_api", [False, True], ids=["fast", "public-api"])
+def test_reply_subjects_are_not_cached(
+    server: NatsServer, logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, public_api: bool
 ) -> None:
+    if public_api:
+        monkeypatch.setenv("OPENFACTORY_NATS_PUBLIC_API", "1")
+    else:
+        monkeypatch.delenv("OPENFACTORY_NATS_PUBLIC_API", raising=False)
+    with (
+        SyncNatsCluster("service", [server.url], logger) as service,
+        SyncNatsCluster("client", [server.url], logger) as client,
+    ):
+        assert service.cluster._fast is not public_api
+        reply_subjects_are_not_cached(service, client)
+
+
+def reply_subjects_are_not_cached(service: SyncNatsCluster, client: SyncNatsCluster) -> None:
+    _wire._subject_cache.clear()
     service.serve("relay.cache", lambda msg: b"re:" + msg.data)
     for i in range(50):
         assert client.request("relay.cache", b"%d" % i).data == b"re:%d" % i
