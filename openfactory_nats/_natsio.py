@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,10 +45,8 @@ __all__ = (
 
 _PING = b"PING\r\n"
 _CRLF = b"\r\n"
-_IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
+_IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
 _OWN_BUFFER = 2048  # frames this large are written from where they are, not joined
-#: Before 3.12, asyncio's socket transport joins the buffers given to ``writelines``.
-_JOINS_LINES = sys.version_info < (3, 12)
 
 _REQUIRED = (
     "_pending",
@@ -158,10 +155,15 @@ def write_frames(nc: Client, frames: Sequence[bytes | Frame], nbytes: int) -> No
     if transport is None:  # another kind of transport (websocket): nats-py's own writer
         if nc._transport is not None:
             nc._transport.writelines(buffers)
-    elif _JOINS_LINES and isinstance(getattr(transport, "_sock", None), socket.socket):
-        _send_gathered(transport, buffers)
-    else:  # asyncio gathers the buffers itself (Python >= 3.12), or TLS
+    elif _plain_socket(transport):
+        _send_gathered(transport, buffers, nbytes)
+    else:  # TLS
         transport.writelines(buffers)
+
+
+def _plain_socket(transport: asyncio.WriteTransport) -> bool:
+    """True for asyncio's transport of a plain (not TLS) socket."""
+    return isinstance(getattr(transport, "_sock", None), socket.socket)
 
 
 def transport_closing(nc: Client) -> bool:
@@ -178,13 +180,14 @@ def write_room(nc: Client, high_water: int) -> int:
     """How many bytes of frames to write now, keeping what nats-py and the transport hold
     under *high_water*.
 
-    Where the transport copies what the socket does not take (Python 3.11), nothing is
-    written while it holds anything: the socket is full, and frames wait uncopied in the
-    outbox instead. Its flow control is set to pause at any byte held and resume once
-    empty, so that waiting for it (``wait_writable``) ends when the socket takes more.
+    On a plain socket, where frames are sent by :func:`_send_gathered`, nothing is
+    written while the transport holds anything: the socket is full, and frames wait
+    uncopied in the outbox instead. Its flow control is set to pause at any byte held and
+    resume once empty, so that waiting for it (``wait_writable``) ends when the socket
+    takes more.
     """
     transport = _asyncio_transport(nc)
-    if _JOINS_LINES and transport is not None and isinstance(getattr(transport, "_sock", None), socket.socket):
+    if transport is not None and _plain_socket(transport):
         if transport.get_write_buffer_limits() != (0, 0):
             transport.set_write_buffer_limits(high=0, low=0)
         if transport.get_write_buffer_size():
@@ -193,33 +196,35 @@ def write_room(nc: Client, high_water: int) -> int:
 
 
 def _gather(frames: Sequence[bytes | Frame]) -> list[bytes]:
-    """The buffers to write for *frames*: runs of small frames, with the pieces around
-    each large payload, joined (few buffers make a cheap ``sendmsg``); frames of
-    ``_OWN_BUFFER`` bytes or more, and large payloads, on their own, uncopied."""
+    """The buffers to write for *frames*: runs of small frames joined (few buffers make a
+    cheap ``sendmsg``); frames of ``_OWN_BUFFER`` bytes or more, and the pieces of the
+    frames around large payloads, on their own, uncopied."""
     buffers: list[bytes] = []
+    append = buffers.append
     run: list[bytes] = []
     for frame in frames:
         if isinstance(frame, Frame):
-            run.append(frame.head)
-            buffers.append(b"".join(run))
-            buffers.append(frame.payload)
-            run = [_CRLF]
+            if run:
+                append(b"".join(run))
+                run = []
+            buffers += (frame.head, frame.payload, _CRLF)
         elif len(frame) >= _OWN_BUFFER:
             if run:
-                buffers.append(b"".join(run))
+                append(b"".join(run))
                 run = []
-            buffers.append(frame)
+            append(frame)
         else:
             run.append(frame)
     if run:
-        buffers.append(b"".join(run))
+        append(b"".join(run))
     return buffers
 
 
-def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes]) -> None:
-    """What Python 3.12's selector transport does in ``writelines``, for 3.11 (whose
-    ``writelines`` joins everything into one copy): send straight from the buffers while
-    the transport holds nothing, and queue only what the socket did not take."""
+def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes], nbytes: int) -> None:
+    """Send *buffers* (*nbytes* in all) straight from where they are, in gathered
+    ``sendmsg`` calls, while the transport holds nothing, and queue only what the socket
+    did not take. asyncio's ``writelines`` joins the buffers into one copy before 3.12,
+    and from 3.12 on counts what went out buffer by buffer, in Python."""
     sock: socket.socket = transport._sock  # type: ignore[attr-defined]
     start = 0
     if not transport.get_write_buffer_size() and not transport.is_closing():
@@ -234,6 +239,8 @@ def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes]) -> N
                 # the rest goes as one buffer, so that it is not logged once per frame).
                 transport.write(b"".join(buffers[start:]))
                 return
+            if sent == nbytes and start == 0 and len(batch) == len(buffers):
+                return  # all of it (the common case: no need to count buffer by buffer)
             while start < len(buffers) and sent >= len(buffers[start]):
                 sent -= len(buffers[start])
                 start += 1

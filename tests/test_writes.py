@@ -358,7 +358,7 @@ def test_send_gathered_sends_every_byte_once_in_order(accepts: list[int]) -> Non
     whole = b"".join(buffers)
     with FakeSocket(accepts) as sock:
         transport = FakeTransport(sock)
-        _send_gathered(transport, list(buffers))
+        _send_gathered(transport, list(buffers), sum(map(len, buffers)))
         assert bytes(sock.sent + transport.written) == whole
 
 
@@ -367,7 +367,7 @@ def test_send_gathered_batches_at_most_iov_max_buffers_and_resumes_after_a_full_
     whole = b"".join(buffers)
     with FakeSocket([10**9, 10**9, 10**9]) as sock:
         transport = FakeTransport(sock)
-        _send_gathered(transport, list(buffers))
+        _send_gathered(transport, list(buffers), sum(map(len, buffers)))
         assert sock.calls == [_natsio._IOV_MAX, _natsio._IOV_MAX, 3]
         assert bytes(sock.sent) == whole and not transport.written
 
@@ -377,7 +377,7 @@ def test_send_gathered_hands_everything_unsent_to_the_transport_after_an_error(e
     buffers = buffers_for(30)
     with FakeSocket([12_345, exc]) as sock:
         transport = FakeTransport(sock)
-        _send_gathered(transport, list(buffers))
+        _send_gathered(transport, list(buffers), sum(map(len, buffers)))
         assert bytes(sock.sent + transport.written) == b"".join(buffers)
 
 
@@ -385,7 +385,7 @@ def test_send_gathered_writes_behind_what_the_transport_holds() -> None:
     buffers = buffers_for(5)
     with FakeSocket([10**9]) as sock:
         transport = FakeTransport(sock, held=1)
-        _send_gathered(transport, list(buffers))
+        _send_gathered(transport, list(buffers), sum(map(len, buffers)))
         assert not sock.calls and bytes(transport.written) == b"".join(buffers)
 
 
@@ -399,7 +399,7 @@ def test_send_gathered_on_a_real_socketpair_with_a_small_send_buffer() -> None:
         a.setblocking(False)
         buffers = buffers_for(200)
         transport = FakeTransport(a)  # type: ignore[arg-type]
-        _send_gathered(transport, list(buffers))
+        _send_gathered(transport, list(buffers), sum(map(len, buffers)))
         b.setblocking(False)
         received = bytearray()
         while True:
