@@ -37,7 +37,6 @@ from ._requests import Replies
 from ._stats import Stats
 from ._wire import (
     SPLIT_PAYLOAD,
-    Frame,
     WireSubject,
     build_frame,
     check_timeout,
@@ -404,15 +403,18 @@ class NatsCluster(Incoming):
             if self._fast:
                 if type(payload) is not bytes:
                     payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
-                if len(payload) > _LARGE:
+                size = len(payload)
+                if size < SPLIT_PAYLOAD:
+                    frame = build_frame(subject, payload, headers, self._max_payload)
+                    outbox.put(frame, len(frame), timeout)
+                    return True
+                if size > _LARGE:
                     # Make room before building a large frame, so that nothing waits
                     # outside the budget: the cap is on memory.
                     outbox.reserve(frame_size(subject, payload, headers, self._max_payload), timeout)
-                if len(payload) < SPLIT_PAYLOAD:
-                    frame: bytes | Frame = build_frame(subject, payload, headers, self._max_payload)
-                else:  # not copied: the frame references the (immutable) payload
-                    frame = split_frame(subject, payload, headers, self._max_payload)
-                outbox.put(frame, len(frame), timeout)
+                # Not copied: the frame references the (immutable) payload.
+                large = split_frame(subject, payload, headers, self._max_payload)
+                outbox.put(large, large.size, timeout)
             else:
                 frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
                 copied = dict(headers) if isinstance(headers, Mapping) else None

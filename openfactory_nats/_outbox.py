@@ -108,7 +108,10 @@ class Outbox(Generic[T]):
         :raises ClusterClosedError: once :meth:`shut` was called and the consumer took
             its last items (or while waiting for room).
         """
-        lease = self._lease()
+        try:
+            lease: _Lease = self._tls.lease  # (what _lease does, inline: once per message)
+        except AttributeError:
+            lease = self._lease()
         if lease.left < size:
             self._renew(lease, size, timeout)
         lease.left -= size
