@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,8 @@ _PING = b"PING\r\n"
 _CRLF = b"\r\n"
 _IOV_MAX = 1024  # buffers per sendmsg (Linux's IOV_MAX)
 _OWN_BUFFER = 2048  # frames this large are written from where they are, not joined
+#: From 3.12 on, asyncio's socket transport queues what ``writelines`` gets as views.
+_QUEUES_VIEWS = sys.version_info >= (3, 12)
 
 _REQUIRED = (
     "_pending",
@@ -224,7 +227,8 @@ def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes], nbyt
     """Send *buffers* (*nbytes* in all) straight from where they are, in gathered
     ``sendmsg`` calls, while the transport holds nothing, and queue only what the socket
     did not take. asyncio's ``writelines`` joins the buffers into one copy before 3.12,
-    and from 3.12 on counts what went out buffer by buffer, in Python."""
+    and from 3.12 on counts what went out buffer by buffer, in Python; it is used for the
+    rest only, there."""
     sock: socket.socket = transport._sock  # type: ignore[attr-defined]
     start = 0
     if not transport.get_write_buffer_size() and not transport.is_closing():
@@ -247,7 +251,14 @@ def _send_gathered(transport: asyncio.WriteTransport, buffers: list[bytes], nbyt
             if sent:  # one buffer went out in part: queue the rest of it
                 buffers[start] = memoryview(buffers[start])[sent:]  # type: ignore[call-overload]
                 break
-    for buffer in buffers[start:]:
+    if _QUEUES_VIEWS:
+        # One pass, each buffer kept as a view: a ``write`` per buffer would sum the
+        # transport's whole queue each time (quadratic), and keep a bytes object that is
+        # copied again at each partial send.
+        if start < len(buffers) and not transport.is_closing():
+            transport.writelines(buffers[start:])
+        return
+    for buffer in buffers[start:]:  # (3.11: the transport copies into one bytearray)
         if transport.is_closing():
             break  # lost with the connection: the pump replays or counts what it wrote
         transport.write(buffer)
