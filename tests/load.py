@@ -92,3 +92,39 @@ def count(messages: list[Any], result: LoadResult) -> dict[str, int]:
         "duplicates": duplicates,
         "out_of_order": out_of_order,
     }
+
+
+def publish_until_closed(
+    cluster: Any, threads: int, payload: Callable[[int, int], bytes], run_for: float
+) -> tuple[dict[int, int], list[BaseException]]:
+    """*threads* threads publish ``payload(thread, n)`` (n = 0, 1, ...) to ``race.<thread>``
+    until ``cluster.close(timeout=0.2)``, called after *run_for* s, refuses them with
+    ``ClusterClosedError``. Returns how many each had accepted, and the other errors."""
+    from openfactory_nats import ClusterClosedError
+
+    accepted: dict[int, int] = {}
+    errors: list[BaseException] = []
+    go = threading.Event()
+
+    def publisher(t: int) -> None:
+        go.wait()
+        n = 0
+        try:
+            while True:
+                cluster.publish(f"race.{t}", payload(t, n))
+                n += 1
+        except ClusterClosedError:
+            pass
+        except BaseException as exc:
+            errors.append(exc)
+        accepted[t] = n
+
+    workers = [threading.Thread(target=publisher, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    go.set()
+    time.sleep(run_for)
+    cluster.close(timeout=0.2)
+    for worker in workers:
+        worker.join(10)
+    return accepted, errors

@@ -26,6 +26,7 @@ from openfactory_nats import (
 )
 from openfactory_nats._lifecycle import Lifecycle, Phase
 
+from .load import publish_until_closed
 from .servers import NatsServer, TcpProxy, create_stream, stream_count
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -251,31 +252,7 @@ def test_publishes_racing_close_are_delivered_counted_or_refused(
     sub = subscriber_factory(server.url, "race.>")
     cluster = SyncNatsCluster("C1", [server.url], logger, replay_unconfirmed=replay)
     cluster.connect()
-    accepted: dict[int, int] = {}
-    errors: list[BaseException] = []
-    go = threading.Event()
-
-    def publisher(t: int) -> None:
-        go.wait()
-        n = 0
-        try:
-            while True:
-                cluster.publish(f"race.{t}", b"%d" % n)
-                n += 1
-        except ClusterClosedError:
-            pass
-        except BaseException as exc:
-            errors.append(exc)
-        accepted[t] = n
-
-    threads = [threading.Thread(target=publisher, args=(t,)) for t in range(4)]
-    for thread in threads:
-        thread.start()
-    go.set()
-    time.sleep(0.3)
-    cluster.close(timeout=0.2)
-    for thread in threads:
-        thread.join(10)
+    accepted, errors = publish_until_closed(cluster, 4, lambda t, n: b"%d" % n, run_for=0.3)
     assert not errors and len(accepted) == 4
     got = sub.settle(quiet=0.5)
     stats = cluster.stats()

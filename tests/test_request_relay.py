@@ -7,13 +7,22 @@ involves the server is tested against a real one."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 
 import pytest
 
-from openfactory_nats import ClusterClosedError, InvalidMessageError, Msg, SyncNatsCluster, _wire
+from openfactory_nats import (
+    ClusterClosedError,
+    ClusterTimeoutError,
+    InvalidMessageError,
+    Msg,
+    NoRespondersError,
+    SyncNatsCluster,
+    _wire,
+)
 from openfactory_nats._delivery import Inbox
 from openfactory_nats._outbox import Outbox
 from openfactory_nats._requests import Replies, Waiter
@@ -199,3 +208,23 @@ def test_a_reply_subject_the_server_cannot_have_sent_is_refused(server: NatsServ
         forged.respond(b"data")
     assert client.is_connected
     client.flush()
+
+
+@pytest.mark.timeout(60)
+def test_a_serving_instance_dropped_without_close_stops_its_workers(
+    server: NatsServer, logger: logging.Logger, client: SyncNatsCluster
+) -> None:
+    def serve_and_drop() -> list[threading.Thread]:
+        service = SyncNatsCluster("dropped", [server.url], logger)
+        service.serve("relay.dropped", lambda msg: b"ok", workers=2)
+        assert client.request("relay.dropped", b"", timeout=5).data == b"ok"
+        return [t for t in threading.enumerate() if "serve-relay.dropped" in t.name]
+
+    workers = serve_and_drop()
+    assert len(workers) == 2
+    gc.collect()
+    for worker in workers:
+        worker.join(10)
+        assert not worker.is_alive()
+    with pytest.raises((NoRespondersError, ClusterTimeoutError)):
+        client.request("relay.dropped", b"", timeout=2)
