@@ -17,7 +17,7 @@ import time
 import uuid
 
 from openfactory_nats import BufferFullError, ConnectError, SyncClusterRouter
-from openfactory_nats._embedded import EmbeddedServer
+from openfactory_nats._tools.embedded import EmbeddedServer
 
 N = 100_000
 PAYLOAD = b"x" * 128

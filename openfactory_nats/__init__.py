@@ -1,7 +1,8 @@
 """Publish to NATS clusters from blocking code, reliably and fast."""
 
-from ._cluster import DEFAULT_MAX_PENDING_BYTES, NatsCluster
-from ._dispatcher import Dispatcher
+from ._blocking.facade import SyncNatsCluster
+from ._core.cluster import DEFAULT_MAX_PENDING_BYTES, NatsCluster
+from ._core.lifecycle import ClusterState
 from ._errors import (
     BufferFullError,
     ClusterClosedError,
@@ -21,13 +22,12 @@ from ._errors import (
     WrongThreadError,
 )
 from ._filters import validate_filter
-from ._jetstream import PubAck
-from ._lifecycle import ClusterState
 from ._message import Msg
-from ._ring import HashRing
-from ._router import ClusterRouter, SyncClusterRouter, clusters_from_env
-from ._subscription import AsyncSubscription, Subscription
-from ._sync import SyncNatsCluster
+from ._receive.dispatcher import Dispatcher
+from ._receive.subscription import AsyncSubscription, Subscription
+from ._routing.ring import HashRing
+from ._routing.router import ClusterRouter, SyncClusterRouter, clusters_from_env
+from ._send.acked import PubAck
 from ._wire import validate_subject
 
 __version__ = "0.1.0"

@@ -58,8 +58,8 @@ import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Final, TypeAlias
 
-from . import _registry
-from ._lifecycle import ClusterState
+from ._core import registry
+from ._core.lifecycle import ClusterState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, UnknownMetricFamily
@@ -121,7 +121,7 @@ class ClusterCollector:
     def collect(self) -> Iterator[_Family]:
         """The metric families with one sample per cluster name."""
         totals: dict[str, dict[str, int]] = {}
-        for core in _registry.live():
+        for core in registry.live():
             stats = core.stats()
             stats["connected"] = int(core.state is ClusterState.CONNECTED)
             per_name = totals.setdefault(core.name, {})

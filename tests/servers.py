@@ -16,7 +16,7 @@ from typing import Any, Self
 
 import nats
 
-from openfactory_nats._embedded import EmbeddedServer, free_port
+from openfactory_nats._tools.embedded import EmbeddedServer, free_port
 
 __all__ = (
     "NatsServer",

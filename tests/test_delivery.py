@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from openfactory_nats._delivery import Inbox, SubscriptionClosedError, SubscriptionModeError
-from openfactory_nats._dispatcher import Dispatcher
 from openfactory_nats._errors import (
     ClusterClosedError,
     ClusterTimeoutError,
@@ -23,6 +21,8 @@ from openfactory_nats._errors import (
 )
 from openfactory_nats._filters import subject_matches, validate_filter, validate_queue
 from openfactory_nats._message import Msg
+from openfactory_nats._receive.dispatcher import Dispatcher
+from openfactory_nats._receive.inbox import Inbox, SubscriptionClosedError, SubscriptionModeError
 
 WAIT = 10.0  # upper bound for anything that should happen quickly
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from openfactory_nats._embedded import EmbeddedServer
+from openfactory_nats._tools.embedded import EmbeddedServer
 
 from .servers import NatsServer, wait_for_mesh
 

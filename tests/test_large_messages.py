@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from openfactory_nats import SyncNatsCluster
-from openfactory_nats._natsio import _gather
+from openfactory_nats._natsio.internals import _gather
 from openfactory_nats._wire import SPLIT_PAYLOAD, Frame, build_frame, split_frame
 
 from .servers import NatsServer, TcpProxy

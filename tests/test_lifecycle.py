@@ -24,7 +24,7 @@ from openfactory_nats import (
     NatsClusterError,
     SyncNatsCluster,
 )
-from openfactory_nats._lifecycle import Lifecycle, Phase
+from openfactory_nats._core.lifecycle import Lifecycle, Phase
 
 from .load import publish_until_closed
 from .servers import NatsServer, TcpProxy, create_stream, stream_count
@@ -390,9 +390,9 @@ def test_budget_survives_a_client_closed_under_us(server: NatsServer, logger: lo
 
 
 async def _abort(nc: Any) -> None:
-    from openfactory_nats import _natsio
+    from openfactory_nats._natsio import internals
 
-    transport = _natsio._asyncio_transport(nc)
+    transport = internals._asyncio_transport(nc)
     assert transport is not None
     transport.abort()  # the stalled server would never take the pending data
     await asyncio.wait_for(nc._close(nc.CLOSED), 5)  # runs closed_cb, like nats-py giving up
@@ -402,7 +402,7 @@ async def _abort(nc: Any) -> None:
 def test_public_api_outage_refuses_beyond_the_budget_and_loses_nothing(
     server: NatsServer, logger: logging.Logger, monkeypatch: Any, caplog: Any
 ) -> None:
-    import openfactory_nats._cluster as cluster_module
+    import openfactory_nats._core.cluster as cluster_module
 
     monkeypatch.setenv("OPENFACTORY_NATS_PUBLIC_API", "1")
     monkeypatch.setattr(cluster_module, "_warned_public_api", False)
@@ -462,7 +462,7 @@ def test_router_close_from_many_threads_waits_and_refuses_the_loop_thread(
 def test_locks_held_by_parent_threads_do_not_block_a_forked_child(server: NatsServer, logger: logging.Logger) -> None:
     import os
 
-    from openfactory_nats._loop import INHERITED
+    from openfactory_nats._blocking.loop import INHERITED
 
     with SyncNatsCluster("C1", [server.url], logger) as cluster:
         cluster.connect()

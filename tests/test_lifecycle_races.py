@@ -39,7 +39,7 @@ def wait_until(predicate: Any, timeout: float = 10.0) -> None:
 def test_router_connect_racing_close_raises_a_documented_error(
     silent_server: SilentServer, logger: logging.Logger
 ) -> None:
-    """SyncClusterRouter._all (_router.py:240-246) catches only TimeoutError around
+    """SyncClusterRouter._all (_routing/router.py lines 240-246) catches only TimeoutError around
     ``future.result``. When close() stops the shared loop while connect() is waiting,
     the loop's shutdown cancels the task and ``concurrent.futures.CancelledError``
     escapes the public connect() (SyncNatsCluster._call maps the same case)."""
@@ -65,7 +65,7 @@ def test_router_connect_racing_close_raises_a_documented_error(
 # -- 2. a connection attempt that outlives close() --------------------------------------
 @pytest.mark.timeout(30)
 def test_connect_that_finishes_after_close_leaves_no_live_client(server: NatsServer, logger: logging.Logger) -> None:
-    """_cluster.py:242-246: when close() gave up waiting for the connect lock (its
+    """_core/cluster.py lines 242-246: when close() gave up waiting for the connect lock (its
     deadline passed) and the attempt then succeeds, ``self.nc = nc`` is set and
     ``_life.connected()`` raises ClusterClosedError, but the new nats-py client is never
     closed: a CLOSED cluster keeps a live connection (reconnecting forever)."""
@@ -98,7 +98,7 @@ def test_connect_that_finishes_after_close_leaves_no_live_client(server: NatsSer
 def test_publish_after_close_from_a_thread_reusing_the_loop_threads_id(
     server: NatsServer, logger: logging.Logger
 ) -> None:
-    """_sync.py:80 and :200 recognise the loop thread by ``threading.get_ident()``; the id
+    """_blocking/facade.py lines 80 and 200 recognise the loop thread by ``threading.get_ident()``; the id
     of the ended loop thread is reused by a later thread, which then gets
     WrongThreadError ("cannot be called from the event loop thread") instead of
     ClusterClosedError (the brief's FINDINGS warn about exactly this)."""
@@ -160,10 +160,10 @@ class _InterleavedDeque(deque):  # type: ignore[type-arg]
 
 @pytest.mark.timeout(30)
 def test_final_take_racing_a_late_producer_still_ends_closed(server: NatsServer, logger: logging.Logger) -> None:
-    """_outbox.py:446-455 (take) pops ``len(items)`` items, counted once; a producer that
-    appended after the seal sweeps the deque concurrently (_outbox.py:341-355), so the
+    """_send/outbox.py lines 446-455 (take) pops ``len(items)`` items, counted once; a producer that
+    appended after the seal sweeps the deque concurrently (_send/outbox.py lines 341-355), so the
     consumer's popleft raises IndexError. That escapes Pump.shutdown() inside _close()'s
-    finally (_cluster.py:562), skips ``_life.closed()``: close() raises IndexError (outside
+    finally (_core/cluster.py lines 562), skips ``_life.closed()``: close() raises IndexError (outside
     the documented tree) and the cluster stays CLOSING for good."""
 
     async def main() -> tuple[BaseException | None, ClusterState, list[BaseException]]:
@@ -273,8 +273,8 @@ def test_messages_handed_to_an_abandoned_reconnection_are_replayed_or_counted(
     """nats-py marks a reconnection CONNECTED in _process_connect_init, before its own
     flush; if that flush times out (the link stalls right after the handshake) it tries
     the next connection without a new disconnected_cb. Frames the pump handed over in
-    that window are confirmed by no PONG; Pings.reconnected (_pings.py:573-578) resolves
-    their pings False and Pump._on_pong (_pump.py:277-283) just moves the batches back to
+    that window are confirmed by no PONG; Pings.reconnected (_natsio/pings.py lines 573-578) resolves
+    their pings False and Pump._on_pong (_send/pump.py lines 277-283) just moves the batches back to
     ``_unconfirmed`` without sending them again, so the next PONG on the new connection
     "confirms" frames that never reached it: flush() succeeds, the messages are lost and
     stats()["dropped"] stays 0, with replay_unconfirmed=True (the default)."""

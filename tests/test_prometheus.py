@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from openfactory_nats import NatsCluster, SyncClusterRouter, SyncNatsCluster, _registry, prometheus
+from openfactory_nats import NatsCluster, SyncClusterRouter, SyncNatsCluster, prometheus
+from openfactory_nats._core import registry as _registry
 
 from .servers import NatsServer
 

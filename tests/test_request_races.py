@@ -20,7 +20,7 @@ from openfactory_nats import (
     NatsClusterError,
     SyncNatsCluster,
 )
-from openfactory_nats._requests import Replies
+from openfactory_nats._receive.replies import Replies
 
 from .servers import NatsServer, TcpProxy
 
@@ -385,7 +385,7 @@ def test_serve_wakes_every_worker_a_batch_needs(
 ) -> None:
     """Four requests, in one batch, that can only be answered together (their handlers
     meet at a barrier): the offer wakes one worker, the timer the three others."""
-    from openfactory_nats._delivery import Inbox
+    from openfactory_nats._receive.inbox import Inbox
 
     looks: list[int] = []
     original = Inbox._spread_readers

@@ -23,9 +23,9 @@ from openfactory_nats import (
     SyncNatsCluster,
     _wire,
 )
-from openfactory_nats._delivery import Inbox
-from openfactory_nats._outbox import Outbox
-from openfactory_nats._requests import Replies, Waiter
+from openfactory_nats._receive.inbox import Inbox
+from openfactory_nats._receive.replies import Replies, Waiter
+from openfactory_nats._send.outbox import Outbox
 
 from .servers import NatsServer
 

@@ -1,6 +1,6 @@
 """The installed nats-py is one that setup.cfg admits, and the batched fast path is on with it.
 
-The fast path reads private attributes of nats-py's client (see ``_natsio``). When a
+The fast path reads private attributes of nats-py's client (see ``_natsio/internals.py``). When a
 nats-py release moves them, the library falls back to the public API with a warning; it
 still works, only slower, so no other test would notice. These tests fail instead, on
 every nats-py that CI installs (noxfile.py: the floor and the newest of the range).
@@ -20,8 +20,9 @@ from nats.aio.client import Client
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from openfactory_nats import SyncNatsCluster, _natsio
-from openfactory_nats._receiving import Receiver
+from openfactory_nats import SyncNatsCluster
+from openfactory_nats._natsio import internals
+from openfactory_nats._receive.receivers import Receiver
 
 from .servers import NatsServer
 
@@ -44,9 +45,9 @@ def test_the_installed_nats_py_is_admitted_by_setup_cfg() -> None:
 
 def test_the_fast_path_is_supported_by_the_installed_nats_py(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENFACTORY_NATS_PUBLIC_API", raising=False)
-    assert _natsio.supports_fast_path(), (
+    assert internals.supports_fast_path(), (
         f"nats-py {importlib.metadata.version('nats-py')} lacks the internals of the batched fast path "
-        "(openfactory_nats/_natsio.py): fix _natsio or exclude this version in setup.cfg"
+        "(openfactory_nats/_natsio/internals.py): fix it or exclude this version in setup.cfg"
     )
 
 

@@ -20,8 +20,9 @@ from typing import Any
 import nats as nats_py
 import pytest
 
-from openfactory_nats import BufferFullError, ClusterClosedError, InvalidMessageError, SyncNatsCluster, _natsio
-from openfactory_nats._natsio import _gather, _send_gathered
+from openfactory_nats import BufferFullError, ClusterClosedError, InvalidMessageError, SyncNatsCluster
+from openfactory_nats._natsio import internals
+from openfactory_nats._natsio.internals import _gather, _send_gathered
 from openfactory_nats._wire import SPLIT_PAYLOAD, Frame, build_frame, frame_size, split_frame
 
 from .load import publish_until_closed
@@ -53,7 +54,7 @@ class Spy:
         self.calls: list[int] = []
         self.durations: list[tuple[float, int]] = []
         self.left_to_transport = 0
-        real = _natsio._send_gathered
+        real = internals._send_gathered
 
         def spy(transport: Any, buffers: list[bytes], nbytes: int) -> None:
             self.calls.append(len(buffers))
@@ -64,7 +65,7 @@ class Spy:
             if transport.get_write_buffer_size() > before:
                 self.left_to_transport += 1
 
-        monkeypatch.setattr(_natsio, "_send_gathered", spy)
+        monkeypatch.setattr(internals, "_send_gathered", spy)
 
 
 def budget_is_whole(nats: SyncNatsCluster) -> bool:
@@ -98,7 +99,7 @@ def test_send_gathered_on_a_real_transport_with_more_than_iov_max_buffers(sndbuf
             else:
                 frames.append(build_frame("a.b", payload_for(i, 20), None, 1 << 30))
         buffers = _gather(frames)
-        assert len(buffers) > 2 * _natsio._IOV_MAX
+        assert len(buffers) > 2 * internals._IOV_MAX
         whole = b"".join(bytes(f) for f in frames)
         _send_gathered(transport, buffers, sum(map(len, frames)))
         held = transport.get_write_buffer_size()
@@ -203,7 +204,7 @@ def test_a_replay_of_more_than_iov_max_buffers_through_a_stalled_then_lost_link_
     assert stats["replayed"] > 0
     assert len(got) - len(expected) <= stats["replayed"]
     assert stats["dropped"] == 0 and stats["dropped_bytes"] == 0
-    assert max(spy.calls) > _natsio._IOV_MAX, max(spy.calls)  # the case under test
+    assert max(spy.calls) > internals._IOV_MAX, max(spy.calls)  # the case under test
 
 
 # -- TLS: still asyncio's writelines, never the raw socket ----------------------------------

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
-from openfactory_nats import SyncNatsCluster, _natsio
-from openfactory_nats._natsio import _send_gathered
+from openfactory_nats import SyncNatsCluster
+from openfactory_nats._natsio import internals
+from openfactory_nats._natsio.internals import _send_gathered
 
 from .servers import NatsServer, TcpProxy, free_port
 from .test_faults import wait_until
@@ -363,12 +364,12 @@ def test_send_gathered_sends_every_byte_once_in_order(accepts: list[int]) -> Non
 
 
 def test_send_gathered_batches_at_most_iov_max_buffers_and_resumes_after_a_full_batch() -> None:
-    buffers = [b"ab"] * (2 * _natsio._IOV_MAX + 3)
+    buffers = [b"ab"] * (2 * internals._IOV_MAX + 3)
     whole = b"".join(buffers)
     with FakeSocket([10**9, 10**9, 10**9]) as sock:
         transport = FakeTransport(sock)
         _send_gathered(transport, list(buffers), sum(map(len, buffers)))
-        assert sock.calls == [_natsio._IOV_MAX, _natsio._IOV_MAX, 3]
+        assert sock.calls == [internals._IOV_MAX, internals._IOV_MAX, 3]
         assert bytes(sock.sent) == whole and not transport.written
 
 

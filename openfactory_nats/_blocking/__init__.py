@@ -1,0 +1,3 @@
+"""The blocking facade: :class:`~openfactory_nats.SyncNatsCluster` (:mod:`.facade`) runs
+the asyncio core on a daemon thread's event loop (:mod:`.loop`) and gives threads
+thread-safe calls, each with a timeout; it also renews itself in a forked child."""

@@ -1,0 +1,586 @@
+"""A thread-safe, blocking facade over :class:`NatsCluster`.
+
+The facade keeps no life-cycle state of its own: it asks the core. What it does own is
+the loop thread the core runs on and, in a forked child, the knowledge that both still
+belong to the parent (``_forked``) until the child first uses the instance.
+
+An instance that is garbage-collected, or still open at interpreter exit, closes
+itself through a ``weakref.finalize`` hook: it drains what it holds (bounded), counts and
+logs at ERROR what it could not deliver, and stops its loop thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, TypeVar, overload
+
+from .._core.cluster import NatsCluster
+from .._core.lifecycle import ClusterState
+from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
+from .._message import Msg
+from .._receive.dispatcher import Dispatcher, delivering
+from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
+from .._receive.receivers import Receiver
+from .._receive.serving import SPREAD_AFTER, Handler, check_workers, start_workers
+from .._receive.subscription import Subscription, open_subscription
+from .._send.acked import PubAck, check_msg_id
+from .._wire import check_timeout
+from .loop import LoopThread, SharedLoop, keep_inherited
+
+__all__ = ("SyncNatsCluster",)
+
+T = TypeVar("T")
+_AT_EXIT_TIMEOUT = 5.0
+_CLOSE_MARGIN = 2.0  # beyond the caller's timeout: the core's abort after a late drain
+_instances: weakref.WeakSet[SyncNatsCluster] = weakref.WeakSet()
+
+
+class SyncNatsCluster:
+    """Publish to one NATS cluster from ordinary blocking code, from any thread.
+
+    The :class:`NatsCluster` core runs on a dedicated daemon thread's event loop. Every
+    blocking call takes a ``timeout`` (``None`` means the instance's default) and raises
+    a ``TimeoutError`` subclass when it runs out.
+
+    :param timeout: the default timeout, in seconds, of every blocking call.
+    :param options: as for :class:`NatsCluster` (``connect_timeout``, ``drain_timeout``,
+        ``max_pending_bytes`` and nats-py connect options).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        servers: Sequence[str] | str,
+        logger: logging.Logger,
+        reconnect_time_wait: float = 2,
+        *,
+        timeout: float = 10.0,
+        _shared_loop: SharedLoop | None = None,
+        **options: Any,
+    ) -> None:
+        self._timeout = check_timeout(timeout)
+        self._args: tuple[Any, ...] = (name, servers, logger, reconnect_time_wait)
+        self._options = dict(options)
+        self._core = NatsCluster(*self._args, **self._options)
+        self._shared_loop = _shared_loop
+        self._forked = False
+        self._fork_lock = threading.Lock()
+        self._dispatchers: list[Dispatcher] = []
+        self._workers: list[threading.Thread] = []
+        self._start()
+        _instances.add(self)
+
+    def _start(self) -> None:
+        """Run the core on a loop thread of this process, closed when the instance is
+        collected or the interpreter exits."""
+        self._runner = (
+            self._shared_loop.current()
+            if self._shared_loop is not None
+            else LoopThread(f"openfactory-nats-{self._args[0]}")
+        )
+        self._loop_ident = self._runner.thread.ident
+        owns = self._shared_loop is None
+        wait = min(self._timeout, _AT_EXIT_TIMEOUT)
+        self._close_lock = threading.Lock()  # concurrent closes wait for the first one
+        self._finalizer = weakref.finalize(
+            self,
+            _shutdown,
+            self._core,
+            self._runner,
+            owns,
+            wait,
+            os.getpid(),
+            self._close_lock,
+            self._dispatchers,
+            self._workers,
+        )
+
+    def __repr__(self) -> str:
+        return f"<SyncNatsCluster {self._core!r}>"
+
+    def __enter__(self) -> SyncNatsCluster:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- properties ----------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The logical cluster name."""
+        return self._core.name
+
+    @property
+    def cluster(self) -> NatsCluster:
+        """The asyncio core of this process (use it only on :attr:`loop`)."""
+        if self._forked:
+            self._renew_after_fork()
+        return self._core
+
+    @property
+    def loop(self) -> Any:
+        """The background event loop the core runs on."""
+        return self._runner.loop
+
+    @property
+    def state(self) -> ClusterState:
+        """The current :class:`ClusterState`."""
+        return ClusterState.NEW if self._forked else self._core.state
+
+    @property
+    def is_connected(self) -> bool:
+        """True while connected to a server and open."""
+        return self.state is ClusterState.CONNECTED
+
+    def stats(self) -> dict[str, int]:
+        """The core's counters (see :meth:`NatsCluster.stats`)."""
+        return self._core.stats()
+
+    # -- blocking calls ------------------------------------------------------------
+    def connect(self, timeout: float | None = None) -> None:
+        """Connect now rather than on the first publish.
+
+        :raises ConnectError: when the cluster could not be reached (a ``RuntimeError``).
+        :raises ConnectTimeoutError: when *timeout* ran out first.
+        """
+        wait = self._wait(timeout)
+        core = self._enter()
+        self._call(core.connect(), wait, connecting=True)
+
+    @overload
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: Literal[False] = False,
+        msg_id: str | None = None,
+    ) -> None: ...
+
+    @overload
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: Literal[True],
+        msg_id: str | None = None,
+    ) -> PubAck: ...
+
+    def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        ack: bool = False,
+        msg_id: str | None = None,
+    ) -> PubAck | None:
+        """Validate *payload* and queue it for *subject*.
+
+        When this returns the message is queued for the server, as with awaiting
+        nats-py's ``publish``; messages from one thread keep their order.
+
+        With ``ack=True`` it blocks until the JetStream stream bound to *subject* has
+        stored the message, and returns the :class:`PubAck`. The message carries *msg_id*
+        (generated when None) as ``Nats-Msg-Id`` and is retried with it until *timeout*,
+        so the stream stores it once even across timeouts and reconnections.
+
+        :raises InvalidTypeError: for a non-str subject, a payload that is not bytes-like
+            or headers that are not a mapping of str to str (a ``TypeError``).
+        :raises InvalidMessageError: for an invalid subject, headers or timeout, or a
+            payload over the server's ``max_payload`` (a ``ValueError``).
+        :raises ConnectError: when the cluster cannot be reached (a ``RuntimeError``).
+        :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
+        :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
+        :raises ClusterClosedError: after :meth:`close`.
+        :raises WrongThreadError: on the event-loop thread.
+        """
+        if ack:
+            return self._publish_acked(subject, payload, timeout, headers, msg_id)
+        if self._forked:
+            self._renew_after_fork()
+        if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        wait = self._timeout if timeout is None else check_timeout(timeout)
+        if not self._core.offer(subject, payload, headers, wait):
+            self._publish_slow(subject, payload, wait, headers)
+        return None
+
+    def _publish_acked(
+        self, subject: str, payload: bytes, timeout: float | None, headers: Mapping[str, str] | None, msg_id: str | None
+    ) -> PubAck:
+        wait = self._wait(timeout)
+        core = self._enter()
+        core.prepare(subject, payload, headers)  # bad input raises here, in the caller
+        if msg_id is not None:
+            check_msg_id(msg_id)
+        coro = core.publish(subject, payload, headers=headers, timeout=wait, ack=True, msg_id=msg_id)
+        return self._call(coro, wait + 1.0)
+
+    def _publish_slow(self, subject: object, payload: object, wait: float, headers: object) -> None:
+        """No client is open yet: validate, connect, then queue, all within *wait*."""
+        core = self._enter()
+        deadline = time.monotonic() + wait
+        core.prepare(subject, payload, headers)  # refuse bad input before connecting
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            self._call(core.connect(), remaining, connecting=True)
+            if core.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
+                return
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until everything queued before this call has reached the server
+        (PING/PONG).
+
+        :raises ClusterTimeoutError: when that did not happen within *timeout* s.
+        :raises ClusterUnavailableError: when the client gave up reconnecting meanwhile.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        """
+        wait = self._wait(timeout)
+        core = self._enter()
+        # The core keeps the deadline itself; the margin lets its clearer error through.
+        self._call(core.flush(wait), wait + 1.0)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Drain (within *timeout* and ``drain_timeout``), close, stop the loop and join
+        its thread. What could not be delivered in time is counted as dropped and logged.
+
+        Idempotent and safe from many threads at once (each call returns once the
+        instance is closed); every other call raises :class:`ClusterClosedError`
+        afterwards.
+
+        :raises WrongThreadError: on the event-loop thread.
+        """
+        wait = self._wait(timeout)
+        if self._runner.in_loop_thread():
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        if self._forked:
+            self._renew_after_fork()
+        _instances.discard(self)
+        owns = self._shared_loop is None
+        _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers, self._workers)
+
+    # -- receiving -------------------------------------------------------------------
+    def subscribe(
+        self,
+        subject: str,
+        callback: Callable[[Msg], object] | None = None,
+        *,
+        queue: str | None = None,
+        max_pending_msgs: int = DEFAULT_MAX_MSGS,
+        max_pending_bytes: int = DEFAULT_MAX_BYTES,
+        dispatcher: Dispatcher | None = None,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Subscribe to *subject* (wildcards allowed: ``*`` a token, ``>`` the rest).
+
+        With a *callback*, each message is passed to it on a worker thread (never the
+        event-loop thread): the subscription's own thread, or *dispatcher*'s threads
+        shared with other subscriptions (see :meth:`dispatcher`); either way in order,
+        one at a time. Without one, read with :meth:`Subscription.next_msg` or by
+        iterating. Beyond *max_pending_msgs* or *max_pending_bytes* waiting, new messages
+        for this subscription are dropped, counted (``sub.dropped``, ``stats()``) and
+        reported at WARNING; other subscriptions are not affected. Returns once the
+        server has registered the interest. Subscriptions are made again after a
+        reconnection; what the server routed during an outage is not received.
+
+        :raises InvalidMessageError: for an invalid subject filter, queue group or limit.
+        :raises InvalidTypeError: for arguments of the wrong type.
+        :raises ConnectError: when the cluster cannot be reached.
+        :raises ClusterTimeoutError: when the server did not confirm within *timeout* s.
+        :raises ClusterClosedError: after :meth:`close`.
+        :raises WrongThreadError: on the event-loop thread.
+        """
+        return open_subscription(
+            [self],
+            self.name,
+            subject,
+            callback,
+            queue=queue,
+            max_pending_msgs=max_pending_msgs,
+            max_pending_bytes=max_pending_bytes,
+            dispatcher=dispatcher,
+            timeout=self._wait(timeout),
+        )
+
+    def _add(self, receiver: Receiver, wait: float) -> None:
+        """Subscribe *receiver* on this cluster, within *wait* s (see :meth:`subscribe`)."""
+        core = self._enter()
+        try:
+            self._call(core.add_receiver(receiver, wait), wait + 1.0)
+        except BaseException:
+            coro = core.remove_receiver(receiver, drain=False)  # if it got that far
+            try:
+                self._runner.submit(coro)
+            except RuntimeError:
+                coro.close()
+            raise
+
+    def serve(
+        self,
+        subject: str,
+        handler: Handler,
+        *,
+        queue: str | None = None,
+        workers: int = 1,
+        timeout: float | None = None,
+    ) -> Subscription:
+        """Answer the requests sent to *subject*: ``handler(msg)`` runs on *workers*
+        threads (never the event loop; concurrently when *workers* > 1) and returns the
+        reply, ``bytes`` or ``(bytes, headers)``, which the library sends. A handler that
+        raises is logged with its traceback and answered at once with the headers
+        ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500`` (the requester gets a
+        :class:`ServiceError`). Give a *queue* to spread requests over processes.
+        Unsubscribing (or closing the cluster) stops the workers and joins them.
+
+        :raises InvalidMessageError, InvalidTypeError: for bad arguments.
+        :raises ConnectError, ClusterTimeoutError, ClusterClosedError, WrongThreadError:
+            as :meth:`subscribe`.
+        """
+        count = check_workers(handler, workers)
+        sub = self.subscribe(subject, queue=queue, timeout=timeout)
+        sub._inbox.wake_lazily(SPREAD_AFTER)
+        threads = start_workers(
+            sub._inbox.__iter__, handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"
+        )
+        sub._threads = threads
+        self._workers[:] = [t for t in self._workers if t.is_alive()] + threads  # forget ended ones
+        return sub
+
+    def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request to *subject* and return the reply. Any number of threads may
+        request at once; replies come through one inbox subscription. During an outage
+        it waits, within *timeout*, for the reconnection.
+
+        :raises NoRespondersError: at once, when nobody listens on *subject*.
+        :raises ServiceError: when the service answered with an error (``code``,
+            ``description``).
+        :raises ClusterTimeoutError: when no reply came within *timeout* s (a reply
+            coming later is dropped).
+        :raises InvalidMessageError, InvalidTypeError: for a bad subject, payload or headers.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        :raises WrongThreadError: on the event-loop thread.
+        """
+        if self._forked:
+            self._renew_after_fork()
+        if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        wait = self._timeout if timeout is None else check_timeout(timeout)
+        core = self._core
+        deadline = time.monotonic() + wait
+        replies = core.replies()
+        if replies is None:
+            core.check_open()
+            core.prepare(subject, payload, headers)  # bad input raises before connecting
+            replies = self._call(core.ensure_replies(wait), wait + 1.0)
+        waiter = replies.expect()
+        try:
+            while not core.offer_request(
+                subject, waiter.reply, payload, headers, max(0.0, deadline - time.monotonic())
+            ):
+                self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
+            answered = waiter.wait(deadline - time.monotonic())
+        finally:
+            replies.forget(waiter)
+        return core.request_outcome(subject, waiter, answered, wait)
+
+    def dispatcher(self, threads: int = 4) -> Dispatcher:
+        """Worker threads to share among subscriptions with callbacks (pass it as
+        ``dispatcher=``): each subscription keeps its order, at most one of its messages
+        in a callback at a time. Closed, and its threads joined, with the cluster."""
+        self._enter()
+        made = Dispatcher(threads, name=f"openfactory-nats-{self.name}-dispatcher")
+        self._dispatchers[:] = [d for d in self._dispatchers if not d.closed] + [made]
+        return made
+
+    def _remove(self, receiver: Receiver, drain: bool, timeout: float) -> bool:
+        """Unsubscribe *receiver* on the loop (nothing to do once the cluster closes);
+        False when a drain ran out of time."""
+        if self._forked or self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
+            return True
+        self._check_thread()
+        try:
+            return self._call(self._core.remove_receiver(receiver, drain, timeout), timeout + 1.0)
+        except ClusterClosedError:
+            return True  # closing meanwhile: the close ends it
+
+    def _check_thread(self) -> None:
+        self.thread_check()()
+
+    def thread_check(self) -> Callable[[], None]:
+        """A function that raises ``WrongThreadError`` on this cluster's event-loop thread
+        (it holds the loop thread, not the instance)."""
+        return functools.partial(_refuse_loop_thread, self._runner, self.name)
+
+    # -- helpers -------------------------------------------------------------------
+    def _wait(self, timeout: float | None) -> float:
+        return self._timeout if timeout is None else check_timeout(timeout)
+
+    def _enter(self) -> NatsCluster:
+        """The core of this process, for a blocking call from a thread that may block."""
+        if self._forked:
+            self._renew_after_fork()
+        if self._runner.in_loop_thread():
+            raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
+        self._core.check_open()
+        return self._core
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float, *, connecting: bool = False) -> T:
+        try:
+            future = self._runner.submit(coro)
+        except RuntimeError:  # the loop is gone: the instance is closing
+            coro.close()
+            raise self._gone() from None
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            if future.done() and not future.cancelled():
+                return future.result(0)  # the coroutine's own outcome, a timeout of ours included
+            future.cancel()
+            if connecting:
+                raise self._core.connect_timeout_error(timeout) from None
+            raise ClusterTimeoutError(
+                f"cluster {self.name!r}: no answer within {timeout:g} s", cluster=self.name
+            ) from None
+        except concurrent.futures.CancelledError:
+            raise self._gone() from None  # the loop stopped under the call
+
+    def _gone(self) -> ClusterUnavailableError:
+        if self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
+            return ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
+        return ClusterUnavailableError(f"cluster {self.name!r}: its event loop stopped", cluster=self.name)
+
+    def _after_fork_in_child(self) -> None:
+        self._forked = True
+        self._fork_lock = threading.Lock()
+
+    def _renew_after_fork(self) -> None:
+        with self._fork_lock:
+            if not self._forked:
+                return
+            self._finalizer.detach()  # what the child inherited belongs to the parent
+            keep_inherited(self._runner, self._core)
+            inherited = len(self._core.sinks(internal=False))
+            if inherited:
+                self._core.logger.warning(
+                    "cluster %s: %d subscription(s) made by the parent process do not deliver in this "
+                    "forked child; subscribe again here",
+                    self.name,
+                    inherited,
+                )
+            closed = self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED)
+            self._core = NatsCluster(*self._args, **self._options)
+            if closed:
+                self._core.begin_close()
+            self._start()
+            self._forked = False
+
+
+def _refuse_loop_thread(runner: LoopThread, name: str) -> None:
+    if runner.in_loop_thread():
+        raise WrongThreadError("This method cannot be called from the event loop thread", cluster=name)
+
+
+def _shutdown(
+    core: NatsCluster,
+    runner: LoopThread,
+    owns_loop: bool,
+    wait: float,
+    pid: int,
+    lock: threading.Lock,
+    dispatchers: list[Dispatcher],
+    workers: list[threading.Thread],
+) -> None:
+    """Close *core* within *wait* s (plus a margin for the abort of a late drain), let
+    the subscriptions deliver what they hold within the same time and join their
+    threads, and stop the loop if the instance owns it. Called by ``close()``, and by the
+    finalizer when the instance is collected or the interpreter exits; never blocks the
+    loop."""
+    if os.getpid() != pid:
+        return  # inherited through fork: it belongs to the parent
+    core.begin_close()  # refuse new messages from now on, in every thread
+    sinks = core.sinks()  # no subscription is added once closing has begun
+    loop = runner.loop
+    if runner.in_loop_thread():  # collected on the loop thread itself: don't wait there
+        task = loop.create_task(core.close(wait))
+        for dispatcher in dispatchers:
+            dispatcher.close(timeout=0)  # its threads end on their own
+        if owns_loop:
+            task.add_done_callback(lambda _: loop.stop())
+        return
+    if delivering():
+        # A callback or handler closing its own cluster: it must not wait for itself (or
+        # for a close() in another thread that waits for it). Another thread finishes.
+        args = (core, runner, owns_loop, wait, pid, lock, dispatchers, workers)
+        threading.Thread(target=_shutdown, args=args, name=f"openfactory-nats-{core.name}-close", daemon=True).start()
+        return
+    started = time.monotonic()
+    deadline = started + wait + _CLOSE_MARGIN
+    drained_by = started + min(wait, core.drain_timeout)  # subscriptions drain within drain_timeout
+    if not lock.acquire(timeout=wait + 2 * _CLOSE_MARGIN):
+        core.logger.warning("cluster %s: another close() did not finish within %g s", core.name, wait)
+        return
+    try:
+        _close_and_stop(core, runner, owns_loop, wait, deadline)
+        # User code (callbacks, handlers) gets the caller's timeout, not the margin that
+        # is there for aborting a late drain.
+        ends = started + wait
+        for sink in sinks:
+            sink.close(drain=True, timeout=max(0.0, drained_by - time.monotonic()))
+        for dispatcher in dispatchers:
+            dispatcher.close(max(0.0, ends - time.monotonic()))
+        for worker in workers:
+            if worker is not threading.current_thread():
+                worker.join(max(0.0, ends - time.monotonic()))
+    finally:
+        lock.release()
+
+
+def _close_and_stop(core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, deadline: float) -> None:
+    if runner.thread.is_alive():
+        coro = core.close(wait)
+        try:
+            future = runner.submit(coro)
+        except RuntimeError:
+            coro.close()
+        else:
+            try:
+                future.result(max(0.0, deadline - time.monotonic()))
+            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+                future.cancel()
+                core.logger.warning("cluster %s: close did not finish within %g s", core.name, wait)
+            except Exception:
+                core.logger.exception("cluster %s: close failed", core.name)
+    if owns_loop:
+        runner.stop(max(1.0, deadline - time.monotonic()))
+
+
+def _after_fork_in_child() -> None:
+    for instance in list(_instances):
+        instance._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,3 @@
+"""The asyncio core: :class:`~openfactory_nats.NatsCluster` (:mod:`.cluster`), its life
+cycle (:mod:`.lifecycle`), its receive side (:mod:`.incoming`), and the registry of live
+cores that exporters read (:mod:`.registry`). It runs on an event loop and never blocks."""

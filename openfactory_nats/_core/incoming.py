@@ -1,0 +1,279 @@
+"""The receive side of :class:`~openfactory_nats.NatsCluster`: subscriptions and
+request/reply, kept apart from the connection's life cycle and the publishing path.
+
+:class:`Incoming` is a base class of ``NatsCluster``; it relies on the core's state and
+methods declared below (for the type checker) and defined in :mod:`.cluster`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from nats.aio.client import Client
+
+from .._errors import BufferFullError, ClusterTimeoutError, ClusterUnavailableError, RefusedError
+from .._filters import validate_filter, validate_queue
+from .._message import Msg
+from .._natsio.client import describe, is_subscription_refusal
+from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
+from .._receive.receivers import Receiver, Receivers, Sink
+from .._receive.replies import Replies, Waiter, build_request_frame, check_reply
+from .._receive.subscription import AsyncCallback, AsyncSubscription
+from .._send.pump import Pump
+from .._stats import Stats
+from .._wire import (
+    Frame,
+    build_frame,
+    check_timeout,
+    encode_headers,
+    frame_head,
+    payload_bytes,
+    subject_bytes,
+    wire_subject,
+)
+from .lifecycle import Lifecycle, Phase
+
+__all__ = ("Incoming",)
+
+_OPEN = Phase.OPEN
+
+
+class Incoming:
+    """Subscribing and requesting, for :class:`~openfactory_nats.NatsCluster`."""
+
+    if TYPE_CHECKING:
+        name: str
+        logger: logging.Logger
+        connect_timeout: float
+        _life: Lifecycle
+        _pump: Pump
+        _stats: Stats
+        _fast: bool
+        _max_payload: int
+        _loop: asyncio.AbstractEventLoop | None
+        _last_error: BaseException | None
+        _receivers: Receivers
+        _replies: Replies | None
+        _replies_task: asyncio.Task[None] | None
+        _replies_ready: Replies | None
+
+        def _adopt_loop(self) -> None: ...
+        async def _connect(self, timeout: float) -> None: ...
+        def _attached(self) -> Client | None: ...
+        def _lost_error(self, what: str) -> ClusterUnavailableError: ...
+        def prepare(self, subject: object, payload: object, headers: object, max_payload: int | None = None) -> int: ...
+        def offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool: ...
+
+    def _still_wanted(self, frame: bytes | Frame) -> bool:
+        """Whether a frame lost with its connection is worth sending again: not a request
+        whose reply came already, or whose caller gave up."""
+        replies = self._replies
+        head = frame_head(frame)
+        if replies is None or not head.startswith((b"PUB ", b"HPUB ")):
+            return True
+        line = head[: head.find(b"\r\n")].split(b" ")
+        reply = line[2] if len(line) == (4 if line[0] == b"PUB" else 5) else b""
+        return replies.waiting(reply)
+
+    # -- requests ------------------------------------------------------------------
+    def replies(self) -> Replies | None:
+        """The reply inbox, once subscribed (any thread)."""
+        return self._replies_ready
+
+    def _replies_subscribed(self, replies: Replies, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._replies_ready = replies
+
+    async def ensure_replies(self, timeout: float) -> Replies:
+        """Subscribe the reply inbox (once), within *timeout* s."""
+        self._life.check_open()
+        self._adopt_loop()
+        task = self._replies_task
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            replies = self._replies = Replies(self.name)
+            replies.on_relay_end = self._pump.outbox.kick
+            receiver = Receiver(replies.subject, None, replies, None, internal=True, direct=replies.deliver)
+            # Shared by every first request: bounded on its own, not by the first caller's timeout.
+            bound = max(timeout, self.connect_timeout)
+            task = self._replies_task = asyncio.get_running_loop().create_task(self.add_receiver(receiver, bound))
+            task.add_done_callback(functools.partial(self._replies_subscribed, replies))
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise ClusterTimeoutError(
+                f"cluster {self.name!r}: could not subscribe the reply inbox within {timeout:g} s", cluster=self.name
+            )
+        task.result()
+        assert self._replies is not None
+        return self._replies
+
+    def offer_request(self, subject: object, reply: bytes, payload: object, headers: object, timeout: float) -> bool:
+        """Queue a request frame (any thread), as :meth:`offer` does a message."""
+        if self._life.phase is not _OPEN:
+            self._life.check_open()
+            return False
+        subj = subject_bytes(subject)  # validated (and cached)
+        data = payload_bytes(payload)
+        block = encode_headers(headers) if headers is not None else None
+        if len(data) + (len(block) if block is not None else 0) > self._max_payload:
+            build_frame(subject, data, headers, self._max_payload)  # raises the size error
+        frame = build_request_frame(subj, reply, data, block)
+        item: object = frame
+        if not self._fast:  # the public API publishes (subject, payload, headers, size, reply)
+            copied = dict(headers) if isinstance(headers, Mapping) else None
+            item = (subject, data, copied, len(frame), reply.decode())
+        try:
+            outbox = self._pump.outbox
+            outbox.put(item, len(frame), timeout, wake=False)
+            # While answered requesters are being woken, what they send waits for the last
+            # of them to leave in one write (see Replies: the relay's end kicks the outbox).
+            # Looked at after queueing: a relay ending meanwhile has seen the frame.
+            replies = self._replies
+            if replies is None or not replies.relaying():
+                outbox.kick()
+        except BufferFullError:
+            self._stats.add("refused")
+            raise
+        self._stats.add("requests")
+        return True
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 10.0,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request and return the reply (see :meth:`SyncNatsCluster.request`).
+
+        :raises NoRespondersError: when nobody listens on *subject*.
+        :raises ServiceError: when the service answered with an error.
+        :raises ClusterTimeoutError: when no reply came within *timeout* s.
+        :raises BufferFullError: when the outgoing buffer is full.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        """
+        self._life.check_open()
+        wait = check_timeout(timeout)
+        self.prepare(subject, payload, headers)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        replies = await self.ensure_replies(wait)
+        waiter = replies.expect(loop.create_future())
+        try:
+            while not self.offer_request(subject, waiter.reply, payload, headers, 0.0):
+                await self._connect(max(0.0, deadline - loop.time()))
+            done, _ = await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - loop.time()))
+        finally:
+            replies.forget(waiter)
+        return self.request_outcome(subject, waiter, done, wait)
+
+    def request_outcome(self, subject: str, waiter: Waiter, answered: object, wait: float) -> Msg:
+        """The reply *waiter* got, or the error it stands for (any thread)."""
+        if waiter.error is not None:
+            raise waiter.error
+        if waiter.msg is None:  # a reply that came just after the wait ended still counts
+            raise ClusterTimeoutError(
+                f"cluster {self.name!r}: no reply to {subject!r} within {wait:g} s", cluster=self.name
+            )
+        return check_reply(self.name, subject, waiter.msg)
+
+    # -- subscribing ---------------------------------------------------------------
+    async def subscribe(
+        self,
+        subject: str,
+        callback: AsyncCallback | None = None,
+        *,
+        queue: str | None = None,
+        max_pending_msgs: int = DEFAULT_MAX_MSGS,
+        max_pending_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float = 10.0,
+    ) -> AsyncSubscription:
+        """Subscribe to *subject* (wildcards allowed: ``*`` a token, ``>`` the rest).
+
+        With an ``async`` *callback*, it is awaited for each message, in order; without
+        one, read with ``await sub.next_msg(timeout)`` or ``async for msg in sub``. Beyond
+        the limits, messages are dropped, counted (``sub.dropped``) and reported. Returns
+        once the server has registered the interest.
+
+        :raises InvalidMessageError: for an invalid subject filter or queue group.
+        :raises InvalidTypeError: for arguments of the wrong type.
+        :raises ConnectError: when the cluster cannot be reached.
+        :raises ClusterClosedError: after :meth:`close`.
+        """
+        filt = validate_filter(subject)
+        group = validate_queue(queue)
+        wait = check_timeout(timeout)
+        sink = AsyncSubscription(self, filt, callback, max_pending_msgs, max_pending_bytes)
+        receiver = Receiver(filt, group, sink, self.respond)
+        sink.receiver = receiver
+        await self.add_receiver(receiver, wait)
+        return sink
+
+    def respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        """What :meth:`Msg.respond` calls: queue a reply, from any thread; on the event
+        loop it never waits (a full buffer raises ``BufferFullError`` at once).
+
+        :raises InvalidMessageError: for a reply subject one cannot publish to (too
+            long, an empty token, a wildcard): the server would drop the reply, or close
+            the connection.
+        :raises ClusterUnavailableError: when no client is open (the reply is not sent).
+        """
+        on_loop = self._loop is not None and asyncio._get_running_loop() is self._loop
+        if not self.offer(wire_subject(reply), data, headers, 0.0 if on_loop else self.connect_timeout):
+            raise self._lost_error("respond")
+
+    async def add_receiver(self, receiver: Receiver, timeout: float) -> None:
+        """Subscribe *receiver* (connecting first if need be) and return once the server
+        has registered the interest, within *timeout* s.
+
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        """
+        self._life.check_open()
+        self._adopt_loop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if not self._life.accepting:
+            await self._connect(min(self.connect_timeout, timeout))
+        self._receivers.register(receiver)
+        try:
+            self._life.check_open()
+            nc = self._attached()
+            if nc is None:
+                raise self._lost_error("subscribe")
+            errors, last = self._stats.get("errors"), nc.last_error
+            await receiver.attach(nc, self._fast)
+            answered = await self._pump.ping(nc, deadline - loop.time())
+            # The server reports a refused SUB before the PONG: permissions through
+            # error_cb; limits only in last_error (nats-py then closes its client).
+            refusal = self._last_error if self._stats.get("errors") != errors else None
+            if nc.last_error is not last:
+                refusal = nc.last_error or refusal
+            if refusal is not None and is_subscription_refusal(refusal):
+                raise RefusedError(
+                    f"cluster {self.name!r}: the server refused the subscription to {receiver.subject!r}: "
+                    f"{describe(refusal)}",
+                    cluster=self.name,
+                ) from refusal
+            if not answered and loop.time() >= deadline:
+                raise ClusterTimeoutError(
+                    f"cluster {self.name!r}: the server did not confirm the subscription to "
+                    f"{receiver.subject!r} within {timeout:g} s",
+                    cluster=self.name,
+                )
+        except BaseException:
+            await self._receivers.remove(receiver, drain=False)
+            raise
+
+    async def remove_receiver(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
+        """Unsubscribe *receiver*; with *drain*, first receive what the server sent
+        (within *timeout* s). False when the drain ran out of time."""
+        return await self._receivers.remove(receiver, drain, timeout)
+
+    def sinks(self, internal: bool = True) -> list[Sink]:
+        """Where the subscriptions of this cluster deliver (any thread); without
+        *internal*, the users' subscriptions only (not the reply inbox)."""
+        return self._receivers.sinks(internal)

@@ -1,0 +1,249 @@
+"""The loop side of subscriptions: nats-py subscriptions feeding thread-side inboxes.
+
+Each subscription of a cluster has a :class:`Receiver` on the event loop. It owns the
+nats-py subscription of the current client and collects what nats-py delivers during
+one pass of the event loop into one batch, handed to its *sink* (the thread-side
+:class:`~openfactory_nats._receive.inbox.Inbox`, or an asyncio queue) with a single call: one
+wake-up of the consumer per batch, as the publish path does in the other direction.
+On the fast path nats-py's parser hands each message straight to its receiver
+(``_natsio.internals.route_messages``), without building a nats-py message on the way.
+
+nats-py re-sends its subscriptions after a reconnection by itself; when the cluster's
+client is replaced (nats-py gave up, or the event loop ended), :class:`Receivers`
+subscribes everything again on the new one. Core NATS is at-most-once: what the server
+routed while no connection was up is not received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg as NatsMsg
+
+from .._message import Msg, Responder
+from .._natsio import internals
+
+__all__ = ("Receiver", "Receivers", "Sink")
+
+
+class Sink(Protocol):
+    """Where a receiver hands its batches (never blocks)."""
+
+    @property
+    def dropped(self) -> int: ...
+
+    @property
+    def errors(self) -> int: ...
+
+    def offer(self, batch: list[Msg]) -> None: ...
+
+    def close(self, drain: bool = False, timeout: float = 5.0) -> bool: ...
+
+
+class Receiver:
+    """One subscription on the event loop.
+
+    :param subject: the subject filter (validated).
+    :param queue: the queue group, or None.
+    :param sink: receives the batches.
+    :param responder: what :meth:`Msg.respond` of the messages calls.
+    :param direct: takes each message as nats-py reads it, instead of the sink taking
+        them in batches (the reply inbox: its callers wait for nothing else).
+    """
+
+    def __init__(
+        self,
+        subject: str,
+        queue: str | None,
+        sink: Sink,
+        responder: Responder | None,
+        *,
+        internal: bool = False,
+        direct: internals.Deliver | None = None,
+    ) -> None:
+        self.subject = subject
+        #: The library's own (the reply inbox): not counted as a user's subscription.
+        self.internal = internal
+        self.queue = queue
+        self.sink = sink
+        self.responder = responder
+        self._direct = direct
+        self.received = 0
+        self._sub: Any = None
+        self._nc: Client | None = None
+        self._fast = False
+        self._batch: list[Msg] = []
+        self._scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- what nats-py calls -------------------------------------------------------------
+    def deliver(self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        """A message as nats-py's parser reads it (see ``internals.route_messages``)."""
+        msg = Msg(subject.decode(), data, headers, reply.decode() if reply else None, responder=self.responder)
+        self._batch.append(msg)
+        if not self._scheduled:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self.hand_over)
+
+    def put_nowait(self, msg: NatsMsg) -> None:
+        """A nats-py message (the subscription's pending queue, or its callback)."""
+        self._batch.append(Msg(msg.subject, msg.data, msg.headers, msg.reply or None, responder=self.responder))
+        if not self._scheduled:
+            self._scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self.hand_over)
+
+    def qsize(self) -> int:
+        return len(self._batch)
+
+    def empty(self) -> bool:
+        return not self._batch
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:  # nats-py's drain waits for the queue to empty
+        self.hand_over()
+
+    async def _on_msg(self, msg: NatsMsg) -> None:  # the public-API path: one call per message
+        self.put_nowait(msg)
+
+    # -- batches --------------------------------------------------------------------
+    def hand_over(self) -> None:
+        """Hand what was collected to the sink, as one batch."""
+        self._scheduled = False
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        self.received += len(batch)
+        self.sink.offer(batch)
+
+    # -- the nats-py subscription ------------------------------------------------------
+    async def attach(self, nc: Client, fast: bool) -> None:
+        """Subscribe on client *nc* (limits are ours: nats-py's are switched off)."""
+        self._loop = asyncio.get_running_loop()
+        self._nc, self._fast = nc, fast
+        if self._scheduled:  # a hand-over scheduled on an event loop that ended never ran
+            self.hand_over()
+        if fast:
+            sub = await nc.subscribe(self.subject, queue=self.queue or "", pending_msgs_limit=0, pending_bytes_limit=0)
+            internals.divert_pending(sub, self)
+            internals.route_messages(nc, sub._id, self._direct or self.deliver)
+        else:
+            sub = await nc.subscribe(
+                self.subject, queue=self.queue or "", cb=self._on_msg, pending_msgs_limit=0, pending_bytes_limit=0
+            )
+        self._sub = sub
+
+    def forget(self) -> None:
+        """The client this receiver was subscribed on is gone."""
+        self._sub = None
+
+    async def detach(self, drain: bool, timeout: float) -> bool:
+        """Stop receiving; with *drain*, first receive what the server already sent
+        (within *timeout* s). True unless the drain ran out of time."""
+        sub, self._sub = self._sub, None
+        done = True
+        if sub is not None:
+            try:
+                with contextlib.suppress(nats.errors.Error, OSError):
+                    if drain and self._fast:
+                        assert self._nc is not None
+                        done = await internals.drain_subscription(self._nc, sub, timeout)
+                    else:
+                        await sub.unsubscribe()
+            finally:
+                if self._fast and self._nc is not None:
+                    internals.route_messages(self._nc, sub._id, None)
+        self.hand_over()
+        return done
+
+
+class Receivers:
+    """The receivers of one cluster, re-subscribed on every new client."""
+
+    def __init__(self, cluster: str, logger: logging.Logger, fast: bool) -> None:
+        self.cluster = cluster
+        self.logger = logger
+        self.fast = fast
+        self._all: set[Receiver] = set()
+        #: Messages dropped by subscriptions already gone (their sinks' counts).
+        self.dropped_before = 0
+        self.received_before = 0
+        self.errors_before = 0
+
+    def any(self) -> bool:
+        """True while any receiver (the reply inbox included) is registered."""
+        return bool(self._all)
+
+    def __len__(self) -> int:
+        """The users' subscriptions (the reply inbox is not one)."""
+        return sum(1 for receiver in list(self._all) if not receiver.internal)
+
+    def register(self, receiver: Receiver) -> None:
+        """Count *receiver* in: it is subscribed on every client from now on."""
+        self._all.add(receiver)
+
+    def sinks(self, internal: bool = True) -> list[Sink]:
+        """The sinks of the receivers registered now (any thread); without *internal*,
+        the users' only."""
+        return [receiver.sink for receiver in list(self._all) if internal or not receiver.internal]
+
+    async def remove(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
+        """Unsubscribe *receiver* (see :meth:`Receiver.detach`) and forget it."""
+        if receiver not in self._all:
+            return True
+        try:
+            return await receiver.detach(drain, timeout)
+        finally:
+            self._all.discard(receiver)
+            self._account(receiver)
+
+    async def attach_all(self, nc: Client) -> None:
+        """A new client: subscribe everything on it."""
+        for receiver in list(self._all):
+            receiver.forget()
+            try:
+                await receiver.attach(nc, self.fast)
+            except (nats.errors.Error, OSError) as exc:
+                self.logger.error(
+                    "cluster %s: could not subscribe to %s again on the new connection: %s",
+                    self.cluster,
+                    receiver.subject,
+                    exc,
+                )
+
+    def hand_over_all(self) -> None:
+        for receiver in list(self._all):
+            receiver.hand_over()
+
+    def end_all(self, end: Callable[[Receiver], object]) -> None:
+        """Closing: forget every receiver, calling *end* for each."""
+        receivers, self._all = list(self._all), set()
+        for receiver in receivers:
+            receiver.hand_over()
+            self._account(receiver)
+            end(receiver)
+
+    def _account(self, receiver: Receiver) -> None:
+        if receiver.internal:
+            return
+        self.received_before += receiver.received
+        self.dropped_before += receiver.sink.dropped
+        self.errors_before += receiver.sink.errors
+
+    def counts(self) -> tuple[int, int, int]:
+        """Messages received, dropped by slow consumers and callback errors, since
+        construction (any thread)."""
+        receivers = [receiver for receiver in list(self._all) if not receiver.internal]
+        received = self.received_before + sum(r.received for r in receivers)
+        dropped = self.dropped_before + sum(r.sink.dropped for r in receivers)
+        errors = self.errors_before + sum(r.sink.errors for r in receivers)
+        return received, dropped, errors
