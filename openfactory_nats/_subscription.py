@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from ._delivery import DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
 from ._dispatcher import Dispatcher
 from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
-from ._filters import validate_filter, validate_queue
+from ._filters import check_sub_line, validate_filter, validate_queue
 from ._message import Msg
 from ._receiving import Receiver
 from ._wire import check_timeout
@@ -188,6 +188,7 @@ def open_subscription(
     :meth:`SyncNatsCluster.subscribe`); validation happens in the caller's thread."""
     filt = validate_filter(subject)
     group = validate_queue(queue)
+    check_sub_line(filt, group)
     first = clusters[0]
     first._check_thread()
     for cluster in clusters:  # before any thread is started for the subscription
