@@ -20,12 +20,25 @@ import re
 
 from ._errors import InvalidMessageError, InvalidTypeError
 
-__all__ = ("MAX_FILTER_BYTES", "MAX_QUEUE_BYTES", "subject_matches", "validate_filter", "validate_queue")
+__all__ = (
+    "MAX_CONTROL_LINE",
+    "MAX_FILTER_BYTES",
+    "MAX_QUEUE_BYTES",
+    "check_sub_line",
+    "subject_matches",
+    "validate_filter",
+    "validate_queue",
+)
 
 #: Longest filter accepted, in UTF-8 bytes (the server's control line is 4 KiB by default).
 MAX_FILTER_BYTES = 4000
 #: Longest queue group name accepted, in UTF-8 bytes.
 MAX_QUEUE_BYTES = 4000
+#: nats-server's ``max_control_line`` by default, in bytes. Its INFO does not announce it,
+#: so a server configured lower is not known to the client.
+MAX_CONTROL_LINE = 4096
+#: Room kept on a ``SUB`` line for the subscription id nats-py numbers it with.
+_SID_DIGITS = 20
 
 # Whitespace (Unicode included: ``\s`` on str) and control characters (C0, DEL, C1).
 _BAD_CHAR = r"\s\x00-\x1f\x7f-\x9f"
@@ -103,6 +116,25 @@ def validate_queue(queue: object) -> str | None:
     if _QUEUE_RE.fullmatch(queue) is None:
         raise _bad_characters(queue, "queue")
     return queue
+
+
+def check_sub_line(subject: str, queue: str | None) -> None:
+    """Check that the ``SUB <subject> [queue] <sid>`` line of a subscription fits in the
+    server's control line, as each part alone may and both together may not: the server
+    would close the connection, and nats-py send the line again on every reconnection.
+
+    :param subject: a filter that passed :func:`validate_filter`.
+    :param queue: a queue group that passed :func:`validate_queue`, or None.
+    :raises InvalidMessageError: when the line would be longer than :data:`MAX_CONTROL_LINE`.
+    """
+    size = len(b"SUB ") + len(subject.encode("utf-8")) + 1 + _SID_DIGITS + len(b"\r\n")
+    if queue is not None:
+        size += len(queue.encode("utf-8")) + 1
+    if size > MAX_CONTROL_LINE:
+        raise InvalidMessageError(
+            f"subject and queue group together are too long: their SUB line would take {size} bytes, "
+            f"more than the server's control line ({MAX_CONTROL_LINE} bytes)"
+        )
 
 
 def subject_matches(subject_filter: str, subject: str) -> bool:

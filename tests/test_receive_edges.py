@@ -17,8 +17,10 @@ import pytest
 
 from openfactory_nats import (
     ClusterTimeoutError,
+    ClusterUnavailableError,
     Msg,
     NatsClusterError,
+    RefusedError,
     SyncNatsCluster,
 )
 
@@ -160,6 +162,62 @@ def test_subscribe_refused_by_server_permissions_raises(tmp_path: Path, logger: 
         srv.close()
 
 
+def _subscribe_at_once(nats: SyncNatsCluster, subjects: list[str], queue: str | None = None) -> dict[str, Any]:
+    """Subscribe to each of *subjects* from its own thread, all released at once: the
+    outcome per subject, a Subscription or the exception raised."""
+    outcome: dict[str, Any] = {}
+    start = threading.Barrier(len(subjects))
+
+    def run(subject: str) -> None:
+        start.wait(10)
+        try:
+            outcome[subject] = nats.subscribe(subject, queue=queue)
+        except BaseException as exc:  # noqa: BLE001 - what escapes is what is tested
+            outcome[subject] = exc
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in subjects]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    return outcome
+
+
+@pytest.mark.timeout(60)
+def test_a_refusal_is_matched_to_its_own_subscription(tmp_path: Path, logger: logging.Logger) -> None:
+    """Threads subscribe at once to permitted and forbidden subjects: a permitted one was
+    refused (RefusedError) whenever a forbidden one's -ERR came while it waited for its
+    PONG; the server names the subject (and queue) it refuses, and only that one is."""
+    conf = tmp_path / "perm.conf"
+    conf.write_text(
+        'authorization { users = [ { user: "u", password: "p", '
+        'permissions: { subscribe: { allow: ["ok.>"] }, publish: { allow: [">"] } } } ] }\n'
+    )
+    srv = NatsServer(name="perm", config=str(conf)).start()
+    try:
+        url = f"nats://u:p@127.0.0.1:{srv.port}"
+        with SyncNatsCluster("D5b", [url], logger, timeout=5.0) as nats:
+            wrong: list[str] = []
+            for round_ in range(8):
+                queue = "g" if round_ % 2 else None
+                # "ok.>" is permitted, "no.>" is not; the server quotes subject and queue
+                # as Go's %q does (escapes) and nats-py lowercases its text.
+                subjects = [f"{p}.{round_}{i}" for i in range(4) for p in ("ok", "no")]
+                subjects += [f'ok.{round_}"q', f'no.{round_}"\\\u00adÉ']
+                for subject, got in _subscribe_at_once(nats, subjects, queue).items():
+                    if subject.startswith("ok."):
+                        if isinstance(got, BaseException):
+                            wrong.append(f"permitted {subject!r} (queue {queue}) raised {got!r}")
+                        else:
+                            got.unsubscribe()
+                    elif not isinstance(got, RefusedError):
+                        wrong.append(f"forbidden {subject!r} (queue {queue}) gave {got!r}")
+            assert not wrong, "\n".join(wrong)
+            assert nats.stats()["subscriptions"] == 0
+    finally:
+        srv.close()
+
+
 # -- 6. subscribe on a closed cluster starts a thread it does not join -----------------
 @pytest.mark.timeout(30)
 def test_subscribe_on_a_closed_cluster_leaves_no_thread(server: NatsServer, logger: logging.Logger) -> None:
@@ -257,6 +315,39 @@ def test_subscriptions_come_back_after_nats_py_closed_the_client(tmp_path: Path,
                 with contextlib.suppress(ClusterTimeoutError):
                     got.append(first.next_msg(0.5).data)
             assert got, f"no message on the first subscription within 8 s; cluster state {nats.state.value}"
+    finally:
+        srv.close()
+
+
+@pytest.mark.timeout(60)
+def test_subscriptions_beyond_max_subscriptions_at_once_raise_only_documented_errors(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    """Threads subscribe at once beyond the server's limit: nats-py closes its client on
+    the first -ERR 'maximum subscriptions exceeded', and a thread that called
+    nc.subscribe() before the cluster heard of it got nats-py's ConnectionClosedError.
+    Only the library's errors come out, no more subscriptions are made than the server
+    allows, and the instance goes on working."""
+    srv = _max_subs_server(tmp_path)  # max_subscriptions: 2
+    try:
+        for round_ in range(4):
+            with SyncNatsCluster(f"D8c{round_}", [srv.url], logger, timeout=5.0) as nats:
+                outcome = _subscribe_at_once(nats, [f"d8c.{i}" for i in range(12)])
+                foreign = {
+                    s: repr(e)
+                    for s, e in outcome.items()
+                    if isinstance(e, BaseException) and not isinstance(e, RefusedError | ClusterUnavailableError)
+                }
+                assert not foreign, f"round {round_}: not the library's documented errors: {foreign}"
+                made = [sub for sub in outcome.values() if not isinstance(sub, BaseException)]
+                assert len(made) <= 2, f"round {round_}: {len(made)} subscriptions made, the server allows 2"
+                assert nats.stats()["subscriptions"] == len(made)
+                # Still usable: publishing reaches a subscription made here.
+                for sub in made:
+                    sub.unsubscribe()
+                check = nats.subscribe("d8c.check")
+                nats.publish("d8c.check", b"still works")
+                assert check.next_msg(5).data == b"still works"
     finally:
         srv.close()
 

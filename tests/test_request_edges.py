@@ -149,3 +149,26 @@ def test_close_with_a_blocked_handler_returns_within_its_timeout(server: NatsSer
         service.close()
         if requester.is_alive():
             requester.join(5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("public_api", [False, True])
+def test_a_request_to_the_longest_subject_fits_the_control_line(
+    server: NatsServer, logger: logging.Logger, monkeypatch: pytest.MonkeyPatch, public_api: bool
+) -> None:
+    """A request's PUB/HPUB line carries the caller's subject and the library's reply
+    subject: with the longest subject accepted (4000 bytes) and headers, it stays within
+    the server's 4 KiB control line (over it, the server would close the connection)."""
+    if public_api:
+        monkeypatch.setenv("OPENFACTORY_NATS_PUBLIC_API", "1")
+    subject = "long." + "s" * 3995
+    with (
+        SyncNatsCluster("service", [server.url], logger) as service,
+        SyncNatsCluster("client", [server.url], logger) as client,
+    ):
+        service.serve(subject, lambda msg: (b"re:" + msg.data, {"H": "v" * 200}))
+        for headers in (None, {"K": "v" * 200}):
+            assert client.request(subject, b"x" * 1000, timeout=5, headers=headers).data == b"re:" + b"x" * 1000
+        for nats in (service, client):
+            stats = nats.stats()
+            assert (stats["disconnects"], stats["reconnects"], stats["errors"]) == (0, 0, 0)

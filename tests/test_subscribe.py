@@ -401,3 +401,52 @@ def test_async_core_subscribe(server: NatsServer, logger: logging.Logger) -> Non
         assert cluster.stats()["received"] == 200
 
     asyncio.run(main())
+
+
+# The longest subject plus queue group accepted: SUB <subject> <queue> <sid>\r\n in 4096
+# bytes, keeping 20 digits for the sid.
+_SUB_LINE_ROOM = 4096 - len("SUB ") - 1 - 1 - 20 - len("\r\n")
+
+
+def test_subject_and_queue_too_long_together_are_refused_in_the_caller(
+    server: NatsServer, logger: logging.Logger, subscriber_factory: Any
+) -> None:
+    """A subject and a queue group that each pass their own check (4000 bytes) can make a
+    SUB line longer than the server's control line: subscribe() returned, the server
+    closed the connection, and nats-py sent the SUB again on every reconnection."""
+    watcher = subscriber_factory(server.url, "c3.after")
+    subject = "c3." + "s" * 2997  # 3000 bytes
+    with SyncNatsCluster("C3", [server.url], logger, timeout=3.0) as nats:
+        nats.connect()
+        with pytest.raises(InvalidMessageError, match="control line"):
+            nats.subscribe(subject, queue="q" * (_SUB_LINE_ROOM - len(subject) + 1))
+        # The longest accepted pair works.
+        sub = nats.subscribe(subject, queue="q" * (_SUB_LINE_ROOM - len(subject)))
+        nats.publish(subject, b"fits")
+        assert sub.next_msg(5).data == b"fits"
+        nats.publish("c3.after", b"still works")
+        nats.flush(5)
+        assert [m.data for m in watcher.wait_for(1, 5)] == [b"still works"]
+        stats = nats.stats()
+        assert (stats["disconnects"], stats["reconnects"], stats["errors"]) == (0, 0, 0)
+        assert stats["subscriptions"] == 1
+
+
+def test_subject_and_queue_too_long_together_are_refused_by_the_async_core(
+    server: NatsServer, logger: logging.Logger
+) -> None:
+    async def main() -> None:
+        cluster = NatsCluster("C3a", [server.url], logger)
+        try:
+            await cluster.connect()
+            subject = "c3a." + "é" * 1000  # 2004 bytes
+            with pytest.raises(InvalidMessageError, match="control line"):
+                await cluster.subscribe(subject, queue="q" * (_SUB_LINE_ROOM - 2004 + 1))
+            await cluster.publish("c3a.x", b"1")
+            await cluster.flush(5)
+            stats = cluster.stats()
+            assert (stats["disconnects"], stats["reconnects"], stats["subscriptions"]) == (0, 0, 0)
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())

@@ -300,9 +300,13 @@ class SyncNatsCluster:
         server has registered the interest. Subscriptions are made again after a
         reconnection; what the server routed during an outage is not received.
 
-        :raises InvalidMessageError: for an invalid subject filter, queue group or limit.
+        :raises InvalidMessageError: for an invalid subject filter, queue group or limit,
+            or a subject and queue group together too long for the server's control line.
         :raises InvalidTypeError: for arguments of the wrong type.
         :raises ConnectError: when the cluster cannot be reached.
+        :raises RefusedError: when the server refused the subscription (permissions,
+            limits).
+        :raises ClusterUnavailableError: when the connection was lost while subscribing.
         :raises ClusterTimeoutError: when the server did not confirm within *timeout* s.
         :raises ClusterClosedError: after :meth:`close`.
         :raises WrongThreadError: on the event-loop thread.

@@ -328,6 +328,7 @@ class NatsCluster(Incoming):
     def _client_error(self, nc: Client, exc: BaseException) -> None:
         self._stats.add("errors")
         self._last_error = exc
+        self._receivers.refused(nc, exc)
         self.logger.warning("cluster %s: error: %s", self.name, describe(exc))
         if nc is self._attached() and self._fast:
             self._pump.watch_close(nc)  # the connection may be going: see that nats-py can move on

@@ -13,12 +13,13 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+import nats.errors
 from nats.aio.client import Client
 
-from .._errors import BufferFullError, ClusterTimeoutError, ClusterUnavailableError, RefusedError
-from .._filters import validate_filter, validate_queue
+from .._errors import BufferFullError, ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, RefusedError
+from .._filters import check_sub_line, validate_filter, validate_queue
 from .._message import Msg
-from .._natsio.client import describe, is_subscription_refusal
+from .._natsio.client import describe, is_limit_refusal
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from .._receive.receivers import Receiver, Receivers, Sink
 from .._receive.replies import Replies, Waiter, build_request_frame, check_reply
@@ -199,13 +200,18 @@ class Incoming:
         the limits, messages are dropped, counted (``sub.dropped``) and reported. Returns
         once the server has registered the interest.
 
-        :raises InvalidMessageError: for an invalid subject filter or queue group.
+        :raises InvalidMessageError: for an invalid subject filter or queue group, or
+            both together too long for the server's control line.
         :raises InvalidTypeError: for arguments of the wrong type.
         :raises ConnectError: when the cluster cannot be reached.
+        :raises RefusedError: when the server refused the subscription (permissions,
+            limits).
+        :raises ClusterUnavailableError: when the connection was lost while subscribing.
         :raises ClusterClosedError: after :meth:`close`.
         """
         filt = validate_filter(subject)
         group = validate_queue(queue)
+        check_sub_line(filt, group)
         wait = check_timeout(timeout)
         sink = AsyncSubscription(self, filt, callback, max_pending_msgs, max_pending_bytes)
         receiver = Receiver(filt, group, sink, self.respond)
@@ -244,15 +250,27 @@ class Incoming:
             nc = self._attached()
             if nc is None:
                 raise self._lost_error("subscribe")
-            errors, last = self._stats.get("errors"), nc.last_error
-            await receiver.attach(nc, self._fast)
-            answered = await self._pump.ping(nc, deadline - loop.time())
+            last = nc.last_error
             # The server reports a refused SUB before the PONG: permissions through
-            # error_cb; limits only in last_error (nats-py then closes its client).
-            refusal = self._last_error if self._stats.get("errors") != errors else None
-            if nc.last_error is not last:
-                refusal = nc.last_error or refusal
-            if refusal is not None and is_subscription_refusal(refusal):
+            # error_cb, naming the subject and queue (matched to this receiver by
+            # Receivers.refused: a concurrent subscription's refusal is not this one's);
+            # limits only in last_error, naming nothing (nats-py then closes its client,
+            # so no subscription in flight on it is made).
+            self._receivers.confirming(receiver)
+            try:
+                try:
+                    await receiver.attach(nc, self._fast)
+                except (nats.errors.Error, OSError) as exc:
+                    raise self._subscribe_error(receiver, exc) from exc
+                answered = await self._pump.ping(nc, deadline - loop.time())
+            finally:
+                refusal = self._receivers.confirmed(receiver)
+            # A limit refusal names nothing: it counts when it came during this wait, or
+            # before it on this client, which nats-py then closed before confirming.
+            limit = nc.last_error
+            if refusal is None and limit is not None and (limit is not last or not answered):
+                refusal = limit if is_limit_refusal(limit) else None
+            if refusal is not None:
                 raise RefusedError(
                     f"cluster {self.name!r}: the server refused the subscription to {receiver.subject!r}: "
                     f"{describe(refusal)}",
@@ -267,6 +285,19 @@ class Incoming:
         except BaseException:
             await self._receivers.remove(receiver, drain=False)
             raise
+
+    def _subscribe_error(self, receiver: Receiver, exc: BaseException) -> ClusterUnavailableError:
+        """What an error of nats-py while subscribing *receiver* means for the caller
+        (decided here only). nats-py raises ``ConnectionClosedError`` when it closed its
+        client before the cluster heard of it (a refused SUB of another thread closes it),
+        ``ConnectionDrainingError`` when close() drains it."""
+        if self._life.closing:
+            return ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
+        return ClusterUnavailableError(
+            f"cluster {self.name!r}: could not subscribe to {receiver.subject!r}: the connection was lost "
+            f"({describe(exc)})",
+            cluster=self.name,
+        )
 
     async def remove_receiver(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
         """Unsubscribe *receiver*; with *drain*, first receive what the server sent

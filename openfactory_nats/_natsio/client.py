@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -21,7 +22,15 @@ from .._errors import ConnectError
 from .._redact import redact
 from . import internals
 
-__all__ = ("CALLBACKS", "ClientOwner", "describe", "is_refusal", "is_subscription_refusal", "open_client")
+__all__ = (
+    "CALLBACKS",
+    "ClientOwner",
+    "describe",
+    "is_limit_refusal",
+    "is_refusal",
+    "open_client",
+    "refuses_subscription",
+)
 
 CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "discovered_server_cb", "lame_duck_mode_cb")
 
@@ -68,10 +77,46 @@ def is_refusal(exc: BaseException) -> bool:
     )
 
 
-def is_subscription_refusal(exc: BaseException) -> bool:
-    """True for the server's refusal of a subscription (permissions, limits)."""
-    text = str(exc).lower()
-    return "permissions violation for subscription" in text or "maximum subscriptions exceeded" in text
+def is_limit_refusal(exc: BaseException) -> bool:
+    """True for the server's ``-ERR 'maximum subscriptions exceeded'``. It names no
+    subscription, and nats-py closes its client on it (the server keeps the connection)."""
+    return "maximum subscriptions exceeded" in str(exc).lower()
+
+
+# The server's text (nats-server client.go, subPermissionViolation), subject and queue
+# quoted with Go's %q; nats-py lowercases the whole line before it reports it.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_SUB_REFUSAL = re.compile(rf"permissions violation for subscription to ({_QUOTED})(?: using queue ({_QUOTED}))?\Z")
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v"}
+
+
+def refuses_subscription(exc: BaseException, subject: str, queue: str | None) -> bool:
+    """True when *exc* is the server's permissions refusal of a subscription to
+    *subject* with *queue* (and not of another one, made at the same time).
+
+    The comparison ignores case, as nats-py lowercases the server's message: two
+    subscriptions made at once whose subjects differ only by case cannot be told apart.
+    """
+    match = _SUB_REFUSAL.search(str(exc).lower())
+    if match is None:
+        return False
+    return match.groups() == (_go_quoted(subject).lower(), None if queue is None else _go_quoted(queue).lower())
+
+
+def _go_quoted(text: str) -> str:
+    """*text* as Go's ``strconv.Quote`` writes it (what the server's ``%q`` shows)."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable():  # Python's notion matches Go's unicode.IsPrint
+            out.append(char)
+        elif char in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[char])
+        else:
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
 
 
 def describe(exc: BaseException) -> str:

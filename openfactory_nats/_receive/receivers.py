@@ -28,6 +28,7 @@ from nats.aio.msg import Msg as NatsMsg
 
 from .._message import Msg, Responder
 from .._natsio import internals
+from .._natsio.client import refuses_subscription
 
 __all__ = ("Receiver", "Receivers", "Sink")
 
@@ -75,6 +76,8 @@ class Receiver:
         self.responder = responder
         self._direct = direct
         self.received = 0
+        #: The server's refusal of this subscription, while it is being confirmed.
+        self.refusal: BaseException | None = None
         self._sub: Any = None
         self._nc: Client | None = None
         self._fast = False
@@ -178,6 +181,8 @@ class Receivers:
         self.dropped_before = 0
         self.received_before = 0
         self.errors_before = 0
+        #: Receivers whose SUB is out and not yet confirmed (see :meth:`refused`).
+        self._confirming: set[Receiver] = set()
 
     def any(self) -> bool:
         """True while any receiver (the reply inbox included) is registered."""
@@ -190,6 +195,24 @@ class Receivers:
     def register(self, receiver: Receiver) -> None:
         """Count *receiver* in: it is subscribed on every client from now on."""
         self._all.add(receiver)
+
+    def confirming(self, receiver: Receiver) -> None:
+        """*receiver*'s SUB goes out now: a refusal naming it is kept for it until
+        :meth:`confirmed`."""
+        receiver.refusal = None
+        self._confirming.add(receiver)
+
+    def confirmed(self, receiver: Receiver) -> BaseException | None:
+        """The server answered after *receiver*'s SUB: its refusal, if it was refused."""
+        self._confirming.discard(receiver)
+        return receiver.refusal
+
+    def refused(self, nc: Client, exc: BaseException) -> None:
+        """nats-py reported *exc* on client *nc*: when it is the server's refusal of a
+        subscription, it belongs to the receiver(s) it names, not to whichever waits."""
+        for receiver in self._confirming:
+            if receiver._nc is nc and refuses_subscription(exc, receiver.subject, receiver.queue):
+                receiver.refusal = exc
 
     def sinks(self, internal: bool = True) -> list[Sink]:
         """The sinks of the receivers registered now (any thread); without *internal*,

@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Protocol
 
 from .._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
-from .._filters import validate_filter, validate_queue
+from .._filters import check_sub_line, validate_filter, validate_queue
 from .._message import Msg
 from .._wire import check_timeout
 from .dispatcher import Dispatcher
@@ -221,6 +221,7 @@ def open_subscription(
     :meth:`SyncNatsCluster.subscribe`); validation happens in the caller's thread."""
     filt = validate_filter(subject)
     group = validate_queue(queue)
+    check_sub_line(filt, group)
     first = clusters[0]
     first._check_thread()
     for cluster in clusters:  # before any thread is started for the subscription
