@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 
 from ._delivery import DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
 from ._dispatcher import Dispatcher
-from ._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from ._errors import (
+    ClusterTimeoutError,
+    ClusterUnavailableError,
+    InvalidMessageError,
+    InvalidTypeError,
+    NatsClusterError,
+)
 from ._filters import validate_filter, validate_queue
 from ._message import Msg
 from ._receiving import Receiver
@@ -87,6 +93,13 @@ class Subscription:
         return self._inbox.errors
 
     @property
+    def discarded(self) -> int:
+        """Messages received but thrown away because the subscription ended first: still
+        pending at ``unsubscribe()``, or when a drain (``close()`` of the cluster too) ran
+        out of time, or arriving after it ended (logged once)."""
+        return self._inbox.discarded
+
+    @property
     def is_open(self) -> bool:
         """True until unsubscribed, drained or closed with its cluster."""
         return not self._inbox.closed and self._pid == os.getpid()
@@ -139,9 +152,12 @@ class Subscription:
 
     def drain(self, timeout: float | None = None) -> None:
         """Stop receiving, and let what the server already sent be processed, for up to
-        *timeout* s; then what is left is discarded.
+        *timeout* s; then what is left is discarded (counted in :attr:`discarded`). During
+        a reconnection, the reconnection is waited for within *timeout* s first.
 
         :raises ClusterTimeoutError: when the pending messages were not processed in time.
+        :raises ClusterUnavailableError: when the connection was lost and not back within
+            *timeout* s (the subscription ends all the same).
         """
         if self._pid != os.getpid():
             return
@@ -149,10 +165,16 @@ class Subscription:
         self._parts[0][0]._check_thread()
         deadline = time.monotonic() + wait
         drained = True
+        lost: ClusterUnavailableError | None = None
         try:
             for owner, receiver in self._parts:
-                if not owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic())):
-                    drained = False
+                try:
+                    if not owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic())):
+                        drained = False
+                except ClusterUnavailableError as exc:  # removed all the same; the others go on
+                    lost = lost or exc
+            if lost is not None:
+                raise lost
         finally:  # whatever happened, the subscription ends here
             if not self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic())):
                 drained = drained and self._inbox.in_callback  # from its own callback: it goes on after
@@ -262,15 +284,23 @@ class AsyncSubscription:
         self.delivered = 0
         self.dropped = 0
         self.errors = 0
+        #: Messages thrown away because the subscription ended first (logged once).
+        self.discarded = 0
 
     @property
     def pending(self) -> int:
         """Messages waiting."""
         return len(self._items)
 
+    @property
+    def settled(self) -> bool:
+        """True once closed with nothing left to deliver (the sink protocol)."""
+        return self._closed and not self._items and (self._task is None or self._task.done())
+
     def offer(self, batch: list[Msg]) -> None:
         """(The receiver, on the loop.) Queue what fits; never waits."""
         if self._closed:
+            self.discarded += len(batch)
             return
         dropped = 0
         for msg in batch:
@@ -369,8 +399,16 @@ class AsyncSubscription:
     def close(self, drain: bool = True, timeout: float = 0.0) -> bool:
         """Stop accepting messages; without *drain* discard what is pending."""
         self._closed = True
-        if not drain:
+        if not drain and self._items:
+            count = len(self._items)
             self._items.clear()
             self._bytes = 0
+            self.discarded += count
+            self._logger.info(
+                "cluster %r: subscription %r: %d received message(s) discarded, still pending when it was closed",
+                self.cluster,
+                self.subject,
+                count,
+            )
         self._wake.set()
         return True
