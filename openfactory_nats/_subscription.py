@@ -391,10 +391,16 @@ class AsyncSubscription:
 
     async def drain(self) -> None:
         """Stop receiving; what the server already sent stays readable (or is handed to
-        the callback)."""
-        if self.receiver is not None:
-            await self._owner.remove_receiver(self.receiver, drain=True)
-        self.close(drain=True)
+        the callback). During a reconnection, the reconnection is waited for first.
+
+        :raises ClusterUnavailableError: when the connection was lost and not back within
+            5 s (the subscription ends all the same).
+        """
+        try:
+            if self.receiver is not None:
+                await self._owner.remove_receiver(self.receiver, drain=True)
+        finally:
+            self.close(drain=True)
 
     def close(self, drain: bool = True, timeout: float = 0.0) -> bool:
         """Stop accepting messages; without *drain* discard what is pending."""

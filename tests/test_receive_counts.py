@@ -4,6 +4,7 @@ churn, a drain during a reconnection, and messages discarded when a close runs o
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,6 +16,7 @@ from openfactory_nats import (
     ClusterState,
     ClusterUnavailableError,
     Msg,
+    NatsCluster,
     SyncNatsCluster,
 )
 
@@ -223,3 +225,27 @@ def test_messages_left_when_close_runs_out_of_time_are_counted_discarded(
     lines = [r for r in caplog.records if "message(s) discarded" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert str(sub.discarded) in lines[0].getMessage()
+
+
+@pytest.mark.timeout(30)
+def test_async_subscription_counts_what_unsubscribe_discards(server: NatsServer, logger: logging.Logger) -> None:
+    async def main() -> None:
+        cluster = NatsCluster("X2", [server.url], logger)
+        try:
+            pull = await cluster.subscribe("xa.pull")
+            for _ in range(50):
+                await cluster.publish("xa.pull", b"x")
+            await cluster.flush()
+            for _ in range(500):
+                if pull.pending == 50:
+                    break
+                await asyncio.sleep(0.01)
+            await pull.next_msg(5)
+            await pull.unsubscribe()
+            assert pull.delivered == 1 and pull.discarded == 49
+            stats = cluster.stats()
+            assert stats["discarded"] == 49 and stats["received"] == 50
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())
