@@ -29,6 +29,7 @@ from nats.aio.msg import Msg as NatsMsg
 
 from . import _natsio
 from ._errors import ClusterUnavailableError
+from ._forksafe import renew_after_fork
 from ._message import Msg, Responder
 
 __all__ = ("Receiver", "Receivers", "Sink")
@@ -207,6 +208,10 @@ class Receivers:
         self._retired: list[Receiver] = []
         #: Counts of the users' subscriptions gone and settled: received, dropped, errors, discarded.
         self._gone = [0, 0, 0, 0]
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._lock = threading.Lock()  # a parent thread reading counts() may have held it
 
     def any(self) -> bool:
         """True while any receiver (the reply inbox included) is registered."""
@@ -245,7 +250,7 @@ class Receivers:
                 await asyncio.sleep(_RECONNECT_POLL)
                 if receiver not in self._all:
                     return True  # the cluster closed meanwhile: its close ended the subscription
-            connected = receiver.connected
+            connected = not drain or receiver.connected
             done = await receiver.detach(drain and connected, max(0.0, deadline - loop.time()))
         finally:
             self._retire(receiver)
