@@ -40,6 +40,7 @@ metric                                      type     ``stats()`` key      what
 ``openfactory_nats_received_total``         counter  ``received``         messages handed to subscriptions
 ``openfactory_nats_receive_dropped_total``  counter  ``receive_dropped``  messages dropped by full subscriptions
 ``openfactory_nats_callback_errors_total``  counter  ``callback_errors``  exceptions raised by callbacks
+``openfactory_nats_discarded_total``        counter  ``discarded``        received, thrown away at a subscription's end
 ``openfactory_nats_queued_messages``        gauge    ``queued``           messages not yet handed to the client
 ``openfactory_nats_unsent_bytes``           gauge    ``unsent_bytes``     bytes not on the socket (replay: unconfirmed)
 ``openfactory_nats_subscriptions``          gauge    ``subscriptions``    subscriptions open
@@ -92,6 +93,13 @@ METRICS: Final[dict[str, tuple[str, str, str, str]]] = {
     "received": (_COUNTER, "received", "", "Messages handed to subscriptions."),
     "receive_dropped": (_COUNTER, "receive_dropped", "", "Messages dropped by full subscriptions."),
     "callback_errors": (_COUNTER, "callback_errors", "", "Exceptions raised by subscription callbacks."),
+    "discarded": (
+        _COUNTER,
+        "discarded",
+        "",
+        "Messages received but discarded because their subscription ended first (pending at unsubscribe, "
+        "or when a drain ran out of time).",
+    ),
     "queued": (_GAUGE, "queued_messages", "", "Messages queued, not yet handed to the NATS client."),
     "unsent_bytes": (
         _GAUGE,

@@ -190,8 +190,11 @@ class NatsCluster(Incoming):
         delivery close could not confirm (each loss is also logged at ERROR); ``refused``
         messages (buffer full); ``received`` messages handed to subscriptions,
         ``receive_dropped`` messages subscriptions dropped because they were full (a slow
-        consumer; reported at WARNING) and ``callback_errors`` raised by subscription
-        callbacks (logged at ERROR); and the gauges ``queued`` messages not yet handed to
+        consumer; reported at WARNING), ``callback_errors`` raised by subscription
+        callbacks (logged at ERROR) and ``discarded`` messages received but thrown away
+        because their subscription ended first (still pending at ``unsubscribe()``, or
+        when a drain, ``close()``'s included, ran out of time; logged once per
+        subscription); and the gauges ``queued`` messages not yet handed to
         the client, ``unsent_bytes`` handed to it but not yet written to the socket (with
         replay: not yet confirmed) and ``subscriptions``; ``requests`` sent and
         ``late_replies`` that came after their requester had given up (dropped).
@@ -199,10 +202,11 @@ class NatsCluster(Incoming):
         result = self._stats.snapshot()
         result["queued"] = len(self._pump.outbox)
         result["unsent_bytes"] = self._pump.in_flight
-        received, dropped, errors = self._receivers.counts()
+        received, dropped, errors, discarded = self._receivers.counts()
         result["received"] = received
         result["receive_dropped"] = dropped
         result["callback_errors"] = errors
+        result["discarded"] = discarded
         result["subscriptions"] = len(self._receivers)
         result["late_replies"] = self._replies.late if self._replies is not None else 0
         return result

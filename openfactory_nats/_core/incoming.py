@@ -301,7 +301,12 @@ class Incoming:
 
     async def remove_receiver(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
         """Unsubscribe *receiver*; with *drain*, first receive what the server sent
-        (within *timeout* s). False when the drain ran out of time."""
+        (within *timeout* s, waiting for a reconnection first). False when the drain ran
+        out of time.
+
+        :raises ClusterUnavailableError: when *drain* was asked and the connection was
+            lost and not back within *timeout* s (the receiver is removed all the same).
+        """
         return await self._receivers.remove(receiver, drain, timeout)
 
     def sinks(self, internal: bool = True) -> list[Sink]:

@@ -22,9 +22,10 @@ that worker needs no lock per message. Counters have one writer each, or are wri
 under the lock, so none is lost to a race.
 
 Losses are counted apart: :attr:`Inbox.dropped` when the limits were full (the consumer
-is too slow; reported), :attr:`Inbox.discarded` when the user closed the subscription
+is too slow; reported), :attr:`Inbox.discarded` when the subscription was closed
 (messages still pending on ``close(drain=False)``, left over after a drain ran out of
-time, or arriving after the close; not reported).
+time, or arriving after the close; those pending at the close are reported once, at
+WARNING when a drain ran out of time).
 """
 
 from __future__ import annotations
@@ -150,6 +151,8 @@ class Inbox:
         self._reported = 0  # under the lock
         self._refused = 0  # offer, under the lock
         self._discarded = 0  # under the lock
+        self._cut = False  # a drain ran out of time (under the lock)
+        self._discards_reported = False  # under the lock
         self._next_report = 0.0  # offer
         self._owns_dispatcher = callback is not None and dispatcher is None
         if self._owns_dispatcher:
@@ -188,6 +191,12 @@ class Inbox:
     def errors(self) -> int:
         """Callback calls that raised."""
         return self._errors
+
+    @property
+    def settled(self) -> bool:
+        """True once nothing is or will be delivered: the counters change no more (but
+        :attr:`discarded`, for messages offered after the close)."""
+        return self._done.is_set()
 
     @property
     def closed(self) -> bool:
@@ -409,6 +418,7 @@ class Inbox:
             self._state = _CLOSED
             self._discard_pending()
         self._report_drops()
+        self._report_discards()
         dispatcher = self._dispatcher
         if dispatcher is not None:
             dispatcher._detach(self)
@@ -423,6 +433,29 @@ class Inbox:
         while items:
             self._out_bytes += items.popleft()._size
             self._discarded += 1
+
+    def _report_discards(self) -> None:
+        """Log, once, the messages that were pending when the subscription ended."""
+        with self._lock:
+            if self._discards_reported or not self._discarded:
+                return
+            self._discards_reported = True
+            count, cut = self._discarded, self._cut
+        if cut:
+            self._logger.warning(
+                "cluster %r: subscription %r: %d received message(s) discarded, still pending when the "
+                "drain ran out of time",
+                self.cluster,
+                self.subject,
+                count,
+            )
+        else:
+            self._logger.info(
+                "cluster %r: subscription %r: %d received message(s) discarded, still pending when it was closed",
+                self.cluster,
+                self.subject,
+                count,
+            )
 
     # -- closing -----------------------------------------------------------------------
     def _begin_close(self, drain: bool) -> None:
@@ -439,6 +472,7 @@ class Inbox:
                 self._readable.notify_all()  # readers waiting see the close
         if self._callback is None:
             self._report_drops()
+            self._report_discards()
         elif self._token.acquire(False):
             assert self._dispatcher is not None
             # Idle: nobody would look at the inbox again, so finish it or queue it to drain.
@@ -481,6 +515,8 @@ class Inbox:
             return self._done.is_set()
         if not self._done.wait(limit):
             if drain:
+                with self._lock:
+                    self._cut = self._state is _DRAINING
                 self._begin_close(drain=False)  # out of time: discard the rest
             return False
         if self._owns_dispatcher:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -26,11 +27,15 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg as NatsMsg
 
+from .._errors import ClusterUnavailableError
+from .._forksafe import renew_after_fork
 from .._message import Msg, Responder
 from .._natsio import internals
 from .._natsio.client import refuses_subscription
 
 __all__ = ("Receiver", "Receivers", "Sink")
+
+_RECONNECT_POLL = 0.02
 
 
 class Sink(Protocol):
@@ -41,6 +46,14 @@ class Sink(Protocol):
 
     @property
     def errors(self) -> int: ...
+
+    @property
+    def discarded(self) -> int: ...
+
+    @property
+    def settled(self) -> bool:
+        """True once the counts above change no more (nothing is or will be delivered)."""
+        ...
 
     def offer(self, batch: list[Msg]) -> None: ...
 
@@ -145,6 +158,13 @@ class Receiver:
             )
         self._sub = sub
 
+    @property
+    def connected(self) -> bool:
+        """False while the client this receiver is subscribed on is not connected (it
+        is reconnecting, or was replaced by one not connected yet)."""
+        nc = self._nc
+        return nc is None or nc.is_connected
+
     def forget(self) -> None:
         """The client this receiver was subscribed on is gone."""
         self._sub = None
@@ -170,19 +190,33 @@ class Receiver:
 
 
 class Receivers:
-    """The receivers of one cluster, re-subscribed on every new client."""
+    """The receivers of one cluster, re-subscribed on every new client.
+
+    The counts of :meth:`counts` are kept exact and monotonic although a subscription's
+    counts live on its receiver and its sink while it exists: a receiver removed (or
+    ended by close) stays *retired*, its counts still read live, until its sink is
+    settled (a drain may still deliver, and its callback raise); only then are they
+    folded into the totals of the subscriptions gone. Removing, retiring and folding
+    happen under one short lock that :meth:`counts` reads under too, so a receiver is
+    never counted twice, nor missed, by one reading.
+    """
 
     def __init__(self, cluster: str, logger: logging.Logger, fast: bool) -> None:
         self.cluster = cluster
         self.logger = logger
         self.fast = fast
         self._all: set[Receiver] = set()
-        #: Messages dropped by subscriptions already gone (their sinks' counts).
-        self.dropped_before = 0
-        self.received_before = 0
-        self.errors_before = 0
+        self._lock = threading.Lock()  # short: membership, retiring and folding; counts() reads under it
+        #: The users' receivers removed whose sinks may still count (see counts()).
+        self._retired: list[Receiver] = []
+        #: Counts of the users' subscriptions gone and settled: received, dropped, errors, discarded.
+        self._gone = [0, 0, 0, 0]
         #: Receivers whose SUB is out and not yet confirmed (see :meth:`refused`).
         self._confirming: set[Receiver] = set()
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._lock = threading.Lock()  # a parent thread reading counts() may have held it
 
     def any(self) -> bool:
         """True while any receiver (the reply inbox included) is registered."""
@@ -194,7 +228,8 @@ class Receivers:
 
     def register(self, receiver: Receiver) -> None:
         """Count *receiver* in: it is subscribed on every client from now on."""
-        self._all.add(receiver)
+        with self._lock:
+            self._all.add(receiver)
 
     def confirming(self, receiver: Receiver) -> None:
         """*receiver*'s SUB goes out now: a refusal naming it is kept for it until
@@ -220,14 +255,35 @@ class Receivers:
         return [receiver.sink for receiver in list(self._all) if internal or not receiver.internal]
 
     async def remove(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool:
-        """Unsubscribe *receiver* (see :meth:`Receiver.detach`) and forget it."""
+        """Unsubscribe *receiver* (see :meth:`Receiver.detach`) and forget it.
+
+        With *drain* during a reconnection, the reconnection is waited for within
+        *timeout* s first: nats-py cannot drain while reconnecting.
+
+        :raises ClusterUnavailableError: when *drain* was asked and the connection was
+            not back within *timeout* s (the subscription is removed all the same).
+        """
         if receiver not in self._all:
             return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            return await receiver.detach(drain, timeout)
+            # nats-py offers no event for the end of a reconnection, hence the polling.
+            while drain and not receiver.connected and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(_RECONNECT_POLL)
+                if receiver not in self._all:
+                    return True  # the cluster closed meanwhile: its close ended the subscription
+            connected = not drain or receiver.connected
+            done = await receiver.detach(drain and connected, max(0.0, deadline - loop.time()))
         finally:
-            self._all.discard(receiver)
-            self._account(receiver)
+            self._retire(receiver)
+        if not connected:
+            raise ClusterUnavailableError(
+                f"cluster {self.cluster!r}: subscription {receiver.subject!r} not drained: the connection was "
+                f"lost and not back within {timeout:g} s (what the server had sent meanwhile is not received)",
+                cluster=self.cluster,
+            )
+        return done
 
     async def attach_all(self, nc: Client) -> None:
         """A new client: subscribe everything on it."""
@@ -249,24 +305,46 @@ class Receivers:
 
     def end_all(self, end: Callable[[Receiver], object]) -> None:
         """Closing: forget every receiver, calling *end* for each."""
-        receivers, self._all = list(self._all), set()
-        for receiver in receivers:
+        for receiver in list(self._all):
             receiver.hand_over()
-            self._account(receiver)
+            self._retire(receiver)
             end(receiver)
 
-    def _account(self, receiver: Receiver) -> None:
-        if receiver.internal:
-            return
-        self.received_before += receiver.received
-        self.dropped_before += receiver.sink.dropped
-        self.errors_before += receiver.sink.errors
+    def _retire(self, receiver: Receiver) -> None:
+        """(The loop) *receiver* leaves: its counts are read on until its sink settles."""
+        with self._lock:
+            if receiver not in self._all:
+                return  # retired already (a close ended it while it was being removed)
+            self._all.discard(receiver)
+            if not receiver.internal:
+                self._retired.append(receiver)
 
-    def counts(self) -> tuple[int, int, int]:
-        """Messages received, dropped by slow consumers and callback errors, since
-        construction (any thread)."""
-        receivers = [receiver for receiver in list(self._all) if not receiver.internal]
-        received = self.received_before + sum(r.received for r in receivers)
-        dropped = self.dropped_before + sum(r.sink.dropped for r in receivers)
-        errors = self.errors_before + sum(r.sink.errors for r in receivers)
-        return received, dropped, errors
+    def counts(self) -> tuple[int, int, int, int]:
+        """Messages received, dropped by slow consumers, callback errors and messages
+        discarded by closed subscriptions, since construction (any thread). Each never
+        decreases from one call to the next."""
+        with self._lock:
+            gone = self._gone
+            retired = self._retired
+            if retired:
+                keep = []
+                for receiver in retired:
+                    sink = receiver.sink
+                    if sink.settled:  # looked at first: the counts read after it are final
+                        gone[0] += receiver.received
+                        gone[1] += sink.dropped
+                        gone[2] += sink.errors
+                        gone[3] += sink.discarded
+                    else:
+                        keep.append(receiver)
+                retired[:] = keep
+            received, dropped, errors, discarded = gone
+            for receiver in [*self._all, *retired]:
+                if receiver.internal:
+                    continue
+                sink = receiver.sink
+                received += receiver.received
+                dropped += sink.dropped
+                errors += sink.errors
+                discarded += sink.discarded
+        return received, dropped, errors, discarded

@@ -110,6 +110,8 @@ class Replies:
         self.late = 0
         self.dropped = 0  # the sink protocol: nothing is ever dropped for lack of room
         self.errors = 0
+        self.discarded = 0
+        self.settled = True
 
     @property
     def subject(self) -> str:

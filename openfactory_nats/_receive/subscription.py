@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from types import TracebackType
 from typing import Protocol
 
-from .._errors import ClusterTimeoutError, InvalidMessageError, InvalidTypeError, NatsClusterError
+from .._errors import (
+    ClusterTimeoutError,
+    ClusterUnavailableError,
+    InvalidMessageError,
+    InvalidTypeError,
+    NatsClusterError,
+)
 from .._filters import check_sub_line, validate_filter, validate_queue
 from .._message import Msg
 from .._wire import check_timeout
@@ -120,6 +126,13 @@ class Subscription:
         return self._inbox.errors
 
     @property
+    def discarded(self) -> int:
+        """Messages received but thrown away because the subscription ended first: still
+        pending at ``unsubscribe()``, or when a drain (``close()`` of the cluster too) ran
+        out of time, or arriving after it ended (logged once)."""
+        return self._inbox.discarded
+
+    @property
     def is_open(self) -> bool:
         """True until unsubscribed, drained or closed with its cluster."""
         return not self._inbox.closed and self._pid == os.getpid()
@@ -172,9 +185,12 @@ class Subscription:
 
     def drain(self, timeout: float | None = None) -> None:
         """Stop receiving, and let what the server already sent be processed, for up to
-        *timeout* s; then what is left is discarded.
+        *timeout* s; then what is left is discarded (counted in :attr:`discarded`). During
+        a reconnection, the reconnection is waited for within *timeout* s first.
 
         :raises ClusterTimeoutError: when the pending messages were not processed in time.
+        :raises ClusterUnavailableError: when the connection was lost and not back within
+            *timeout* s (the subscription ends all the same).
         """
         if self._pid != os.getpid():
             return
@@ -182,10 +198,16 @@ class Subscription:
         self._parts[0][0]._check_thread()
         deadline = time.monotonic() + wait
         drained = True
+        lost: ClusterUnavailableError | None = None
         try:
             for owner, receiver in self._parts:
-                if not owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic())):
-                    drained = False
+                try:
+                    if not owner._remove(receiver, drain=True, timeout=max(0.0, deadline - time.monotonic())):
+                        drained = False
+                except ClusterUnavailableError as exc:  # removed all the same; the others go on
+                    lost = lost or exc
+            if lost is not None:
+                raise lost
         finally:  # whatever happened, the subscription ends here
             if not self._inbox.close(drain=True, timeout=max(0.0, deadline - time.monotonic())):
                 drained = drained and self._inbox.in_callback  # from its own callback: it goes on after
@@ -296,15 +318,23 @@ class AsyncSubscription:
         self.delivered = 0
         self.dropped = 0
         self.errors = 0
+        #: Messages thrown away because the subscription ended first (logged once).
+        self.discarded = 0
 
     @property
     def pending(self) -> int:
         """Messages waiting."""
         return len(self._items)
 
+    @property
+    def settled(self) -> bool:
+        """True once closed with nothing left to deliver (the sink protocol)."""
+        return self._closed and not self._items and (self._task is None or self._task.done())
+
     def offer(self, batch: list[Msg]) -> None:
         """(The receiver, on the loop.) Queue what fits; never waits."""
         if self._closed:
+            self.discarded += len(batch)
             return
         dropped = 0
         for msg in batch:
@@ -395,16 +425,30 @@ class AsyncSubscription:
 
     async def drain(self) -> None:
         """Stop receiving; what the server already sent stays readable (or is handed to
-        the callback)."""
-        if self.receiver is not None:
-            await self._owner.remove_receiver(self.receiver, drain=True)
-        self.close(drain=True)
+        the callback). During a reconnection, the reconnection is waited for first.
+
+        :raises ClusterUnavailableError: when the connection was lost and not back within
+            5 s (the subscription ends all the same).
+        """
+        try:
+            if self.receiver is not None:
+                await self._owner.remove_receiver(self.receiver, drain=True)
+        finally:
+            self.close(drain=True)
 
     def close(self, drain: bool = True, timeout: float = 0.0) -> bool:
         """Stop accepting messages; without *drain* discard what is pending."""
         self._closed = True
-        if not drain:
+        if not drain and self._items:
+            count = len(self._items)
             self._items.clear()
             self._bytes = 0
+            self.discarded += count
+            self._logger.info(
+                "cluster %r: subscription %r: %d received message(s) discarded, still pending when it was closed",
+                self.cluster,
+                self.subject,
+                count,
+            )
         self._wake.set()
         return True
