@@ -189,8 +189,10 @@ class NatsCluster(Incoming):
         delivery close could not confirm (each loss is also logged at ERROR); ``refused``
         messages (buffer full); ``received`` messages handed to subscriptions,
         ``receive_dropped`` messages subscriptions dropped because they were full (a slow
-        consumer; reported at WARNING) and ``callback_errors`` raised by subscription
-        callbacks (logged at ERROR); and the gauges ``queued`` messages not yet handed to
+        consumer; reported at WARNING), ``receive_malformed`` messages dropped because
+        they could not be read (a subject, reply subject or status line that is not UTF-8,
+        a broken header block; reported at WARNING) and ``callback_errors`` raised by
+        subscription callbacks (logged at ERROR); and the gauges ``queued`` messages not yet handed to
         the client, ``unsent_bytes`` handed to it but not yet written to the socket (with
         replay: not yet confirmed) and ``subscriptions``; ``requests`` sent and
         ``late_replies`` that came after their requester had given up (dropped).
@@ -201,6 +203,7 @@ class NatsCluster(Incoming):
         received, dropped, errors = self._receivers.counts()
         result["received"] = received
         result["receive_dropped"] = dropped
+        result["receive_malformed"] = self._receivers.malformed
         result["callback_errors"] = errors
         result["subscriptions"] = len(self._receivers)
         result["late_replies"] = self._replies.late if self._replies is not None else 0

@@ -59,6 +59,7 @@ async def open_client(cluster: NatsCluster, options: dict[str, Any], deadline: f
     """
     loop = asyncio.get_running_loop()
     nc = Client()
+    _natsio.guard_messages(nc, cluster._receivers.on_malformed)  # before its read loop starts
     refused: asyncio.Future[BaseException] = loop.create_future()
     task = loop.create_task(nc.connect(**options, **_callbacks(cluster, nc, refused)))
     waiting: set[asyncio.Future[Any]] = {task, refused}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -29,7 +30,10 @@ from nats.aio.msg import Msg as NatsMsg
 from . import _natsio
 from ._message import Msg, Responder
 
-__all__ = ("Receiver", "Receivers", "Sink")
+__all__ = ("MALFORMED_REPORT_INTERVAL", "Receiver", "Receivers", "Sink")
+
+#: Seconds between two reports of messages dropped because they could not be read.
+MALFORMED_REPORT_INTERVAL = 5.0
 
 
 class Sink(Protocol):
@@ -178,6 +182,10 @@ class Receivers:
         self.dropped_before = 0
         self.received_before = 0
         self.errors_before = 0
+        #: Messages dropped because they could not be read (see ``on_malformed``).
+        self.malformed = 0
+        self._malformed_reported = 0
+        self._malformed_next_report = 0.0
 
     def any(self) -> bool:
         """True while any receiver (the reply inbox included) is registered."""
@@ -219,6 +227,26 @@ class Receivers:
                     receiver.subject,
                     exc,
                 )
+
+    def on_malformed(self, subject: bytes, exc: Exception) -> None:
+        """(The loop) A message that could not be read (``_natsio.guard_messages``): it
+        is dropped and counted, and reported at WARNING at most once every
+        :data:`MALFORMED_REPORT_INTERVAL` seconds; the connection goes on."""
+        self.malformed += 1
+        now = time.monotonic()
+        if now < self._malformed_next_report:
+            return
+        self._malformed_next_report = now + MALFORMED_REPORT_INTERVAL
+        count, self._malformed_reported = self.malformed - self._malformed_reported, self.malformed
+        self.logger.warning(
+            "cluster %s: %d message(s) dropped since the last report because they could not be read "
+            "(%d in all); the last on subject %r: %s",
+            self.cluster,
+            count,
+            self.malformed,
+            subject[:100],
+            exc,
+        )
 
     def hand_over_all(self) -> None:
         for receiver in list(self._all):
