@@ -104,7 +104,8 @@ async def drain_subscription(nc: Client, sub: Subscription, timeout: float) -> b
 Deliver = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
 #: ``on_malformed(subject, error)``: a message that could not be read, dropped.
 Malformed = Callable[[bytes, Exception], None]
-_ROUTES = "_openfactory_nats_routes"
+_DOOR = "_openfactory_nats_door"
+_ROUTES = "_openfactory_nats_routes"  # the door's routes too (tests look at them)
 #: What reading a message the server forwards as it got it may raise: a subject, reply
 #: subject or status line that is not UTF-8 (``UnicodeDecodeError``); a header block
 #: shorter than its ``NATS/1.0`` line (nats-py's ``_process_headers`` indexes past it).
@@ -124,11 +125,12 @@ class _Door:
 
 def _door(nc: Client) -> _Door:
     """The client's :class:`_Door`, put in front of its ``_process_msg`` on first use."""
-    door: _Door | None = nc.__dict__.get(_ROUTES)
+    door: _Door | None = nc.__dict__.get(_DOOR)
     if door is not None:
         return door
     door = _Door()
-    setattr(nc, _ROUTES, door)
+    setattr(nc, _DOOR, door)
+    setattr(nc, _ROUTES, door.routes)
     routes = door.routes
     original = nc._process_msg
     stats = nc.stats
