@@ -240,7 +240,7 @@ class Receivers:
         count, self._malformed_reported = self.malformed - self._malformed_reported, self.malformed
         self.logger.warning(
             "cluster %s: %d message(s) dropped since the last report because they could not be read "
-            "(%d in all); the last on subject %r: %s",
+            "(%d in all), e.g. on subject %r: %s",
             self.cluster,
             count,
             self.malformed,
