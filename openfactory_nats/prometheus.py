@@ -22,30 +22,31 @@ reported, not the parent's.
 
 The metrics (``_total``: a counter; the others are gauges):
 
-==========================================  =======  ===================  ==============================================
-metric                                      type     ``stats()`` key      what
-==========================================  =======  ===================  ==============================================
-``openfactory_nats_published_total``        counter  ``published``        messages handed to the NATS client
-``openfactory_nats_published_bytes_total``  counter  ``bytes``            their bytes (protocol frames)
-``openfactory_nats_acked_total``            counter  ``acked``            publishes confirmed by JetStream
-``openfactory_nats_errors_total``           counter  ``errors``           errors reported by the NATS client
-``openfactory_nats_reconnects_total``       counter  ``reconnects``       reconnections
-``openfactory_nats_disconnects_total``      counter  ``disconnects``      lost connections
-``openfactory_nats_replayed_total``         counter  ``replayed``         messages sent again after a lost connection
-``openfactory_nats_dropped_total``          counter  ``dropped``          messages that could not be delivered
-``openfactory_nats_dropped_bytes_total``    counter  ``dropped_bytes``    their bytes
-``openfactory_nats_refused_total``          counter  ``refused``          publishes refused, the buffer full
-``openfactory_nats_requests_total``         counter  ``requests``         requests sent
-``openfactory_nats_late_replies_total``     counter  ``late_replies``     replies after their requester gave up
-``openfactory_nats_received_total``         counter  ``received``         messages handed to subscriptions
-``openfactory_nats_receive_dropped_total``  counter  ``receive_dropped``  messages dropped by full subscriptions
-``openfactory_nats_callback_errors_total``  counter  ``callback_errors``  exceptions raised by callbacks
-``openfactory_nats_discarded_total``        counter  ``discarded``        received, thrown away at a subscription's end
-``openfactory_nats_queued_messages``        gauge    ``queued``           messages not yet handed to the client
-``openfactory_nats_unsent_bytes``           gauge    ``unsent_bytes``     bytes not on the socket (replay: unconfirmed)
-``openfactory_nats_subscriptions``          gauge    ``subscriptions``    subscriptions open
-``openfactory_nats_connected``              gauge    -                    instances connected to a server now
-==========================================  =======  ===================  ==============================================
+============================================  =======  =====================  ==========================================
+metric                                        type     ``stats()`` key        what
+============================================  =======  =====================  ==========================================
+``openfactory_nats_published_total``          counter  ``published``          messages handed to the NATS client
+``openfactory_nats_published_bytes_total``    counter  ``bytes``              their bytes (protocol frames)
+``openfactory_nats_acked_total``              counter  ``acked``              publishes confirmed by JetStream
+``openfactory_nats_errors_total``             counter  ``errors``             errors reported by the NATS client
+``openfactory_nats_reconnects_total``         counter  ``reconnects``         reconnections
+``openfactory_nats_disconnects_total``        counter  ``disconnects``        lost connections
+``openfactory_nats_replayed_total``           counter  ``replayed``           messages resent after a lost connection
+``openfactory_nats_dropped_total``            counter  ``dropped``            messages that could not be delivered
+``openfactory_nats_dropped_bytes_total``      counter  ``dropped_bytes``      their bytes
+``openfactory_nats_refused_total``            counter  ``refused``            publishes refused, the buffer full
+``openfactory_nats_requests_total``           counter  ``requests``           requests sent
+``openfactory_nats_late_replies_total``       counter  ``late_replies``       replies after their requester gave up
+``openfactory_nats_received_total``           counter  ``received``           messages handed to subscriptions
+``openfactory_nats_receive_dropped_total``    counter  ``receive_dropped``    messages dropped by full subscriptions
+``openfactory_nats_receive_malformed_total``  counter  ``receive_malformed``  messages dropped, unreadable (not UTF-8)
+``openfactory_nats_callback_errors_total``    counter  ``callback_errors``    exceptions raised by callbacks
+``openfactory_nats_discarded_total``          counter  ``discarded``          received, discarded: subscription ended
+``openfactory_nats_queued_messages``          gauge    ``queued``             messages not yet handed to the client
+``openfactory_nats_unsent_bytes``             gauge    ``unsent_bytes``       bytes not on the socket (or unconfirmed)
+``openfactory_nats_subscriptions``            gauge    ``subscriptions``      subscriptions open
+``openfactory_nats_connected``                gauge    -                      instances connected to a server now
+============================================  =======  =====================  ==========================================
 
 A ``stats()`` key that this module does not know yet is exported untyped, as
 ``openfactory_nats_<key>``.
@@ -92,6 +93,12 @@ METRICS: Final[dict[str, tuple[str, str, str, str]]] = {
     "late_replies": (_COUNTER, "late_replies", "", "Replies that came after their requester had given up."),
     "received": (_COUNTER, "received", "", "Messages handed to subscriptions."),
     "receive_dropped": (_COUNTER, "receive_dropped", "", "Messages dropped by full subscriptions."),
+    "receive_malformed": (
+        _COUNTER,
+        "receive_malformed",
+        "",
+        "Messages dropped because they could not be read (subject, reply or status line not UTF-8, broken headers).",
+    ),
     "callback_errors": (_COUNTER, "callback_errors", "", "Exceptions raised by subscription callbacks."),
     "discarded": (
         _COUNTER,

@@ -3,9 +3,11 @@ out, refused subscriptions, clients nats-py closes, closes from callbacks, colle
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
+import socket
 import sys
 import threading
 import time
@@ -16,9 +18,11 @@ from typing import Any
 import pytest
 
 from openfactory_nats import (
+    ClusterState,
     ClusterTimeoutError,
     ClusterUnavailableError,
     Msg,
+    NatsCluster,
     NatsClusterError,
     RefusedError,
     SyncNatsCluster,
@@ -416,3 +420,135 @@ def test_a_cluster_collected_on_its_loop_thread_stops_its_dispatcher(
     loop_thread.join(10)
     assert not loop_thread.is_alive()
     assert wait_until(lambda: not _threads("openfactory-nats-D11-dispatcher"), 5), "dispatcher threads leaked"
+
+
+# -- 12. a message that cannot be read ends nats-py's read loop -------------------------
+class RawPublisher:
+    """A publisher speaking the protocol on a plain socket, which sends bytes no client
+    library would (nats-server forwards them as they came)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self._buf = b""
+        self._read_until(b"\r\n")  # INFO
+        self.send(b'CONNECT {"verbose":false,"pedantic":false,"headers":true}\r\n')
+
+    def _read_until(self, end: bytes) -> None:
+        while end not in self._buf:
+            chunk = self.sock.recv(4096)
+            assert chunk, f"the server closed the raw connection: {self._buf!r}"
+            self._buf += chunk
+        assert b"-ERR" not in self._buf, self._buf
+        self._buf = self._buf[self._buf.index(end) + len(end) :]
+
+    def send(self, data: bytes) -> None:
+        """Send *data*, then wait for the server's PONG: the server has processed it."""
+        self.sock.sendall(data + b"PING\r\n")
+        self._read_until(b"PONG\r\n")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+UNREADABLE = {
+    "subject": b"PUB m.\xff\xfe 3\r\nbad\r\n",
+    "reply": b"PUB m.reply r.\xff 3\r\nbad\r\n",
+    "status": b"HPUB m.status 16 19\r\nNATS/1.0 \xff\xff\xff\r\n\r\nbad\r\n",  # an inline status, not UTF-8
+    "headers": b"HPUB m.headers 2 5\r\nh:bad\r\n",  # a header block without its NATS/1.0 line
+}
+
+
+@pytest.fixture(params=["fast", "public-api"])
+def api_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "public-api":
+        monkeypatch.setenv("OPENFACTORY_NATS_PUBLIC_API", "1")
+    return str(request.param)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("what", sorted(UNREADABLE))
+def test_a_message_that_cannot_be_read_is_dropped_and_counted(
+    server: NatsServer, logger: logging.Logger, caplog: pytest.LogCaptureFixture, api_mode: str, what: str
+) -> None:
+    """nats-py hands subject, reply and headers over as bytes, and decoding them raises
+    (a subject or reply that is not UTF-8, a status line that is not, a header block
+    shorter than ``NATS/1.0``); the error ends nats-py's read loop: the client stays
+    "connected" and receives nothing more, on any subscription, until its pings go
+    unanswered (here never: ping_interval=120), and the loss is in no counter."""
+    with SyncNatsCluster("D12", [server.url], logger, timeout=5.0, ping_interval=120) as nats:
+        assert nats.cluster._fast is (api_mode == "fast")
+        wildcard = nats.subscribe("m.>")
+        other = nats.subscribe("other")
+        raw = RawPublisher(server.port)
+        try:
+            raw.send(UNREADABLE[what])
+            raw.send(b"PUB m.good 4\r\ngood\r\nPUB other 5\r\nother\r\n")
+            # A dead read loop would leave these waiting for ever (a ClusterTimeoutError).
+            msg = wildcard.next_msg(5)
+            assert (msg.subject, msg.data) == ("m.good", b"good")
+            assert other.next_msg(5).data == b"other"
+        finally:
+            raw.close()
+        assert nats.state.value == "connected"
+        stats = nats.stats()
+        assert stats["receive_malformed"] == 1, stats
+        assert stats["received"] == 2 and stats["reconnects"] == 0 and stats["disconnects"] == 0, stats
+        # Still receiving, through the library's own publisher too.
+        nats.publish("m.after", b"after")
+        assert wildcard.next_msg(5).data == b"after"
+    reports = [r for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(reports) == 1 and reports[0].levelno == logging.WARNING, [r.getMessage() for r in reports]
+    assert "D12" in reports[0].getMessage()
+
+
+@pytest.mark.timeout(30)
+def test_the_async_core_drops_unreadable_messages_and_reports_them_once(
+    server: NatsServer, logger: logging.Logger, caplog: pytest.LogCaptureFixture, api_mode: str
+) -> None:
+    """The same on NatsCluster; several unreadable messages in a row are counted one by
+    one and reported in one line (at most one report every 5 s)."""
+
+    async def main() -> None:
+        cluster = NatsCluster("D12a", [server.url], logger, ping_interval=120)
+        try:
+            sub = await cluster.subscribe("m.>")
+            raw = RawPublisher(server.port)
+            try:
+                raw.send(b"".join(UNREADABLE[what] for what in sorted(UNREADABLE)) + b"PUB m.good 2\r\nok\r\n")
+            finally:
+                raw.close()
+            msg = await sub.next_msg(5)
+            assert (msg.subject, msg.data) == ("m.good", b"ok")
+            assert cluster.state is ClusterState.CONNECTED
+            assert cluster.stats()["receive_malformed"] == len(UNREADABLE)
+        finally:
+            await cluster.close()
+
+    asyncio.run(main())
+    reports = [r.getMessage() for r in caplog.records if "could not be read" in r.getMessage()]
+    assert len(reports) == 1 and "D12a" in reports[0], reports
+
+
+def test_a_subject_split_across_reads_is_read_whole() -> None:
+    """nats-py's parser hands a message over once its whole control line has arrived:
+    a multi-byte UTF-8 character split between two reads is decoded whole, and an
+    unreadable message between two good ones is dropped without losing its neighbours."""
+    from nats.aio.client import Client
+
+    from openfactory_nats._natsio import internals
+
+    nc = Client()
+    got: list[tuple[str, bytes]] = []
+    bad: list[bytes] = []
+    internals.guard_messages(nc, lambda subject, exc: bad.append(subject))
+    internals.route_messages(nc, 1, lambda subject, reply, data, headers: got.append((subject.decode(), data)))
+    stream = "MSG m.é 1 2\r\nok\r\n".encode() + b"MSG m.\xff 1 3\r\nbad\r\n" + "MSG m.ü 1 4\r\nnext\r\n".encode()
+    split = stream.index("é".encode()) + 1  # inside the character
+
+    async def feed() -> None:
+        for part in (stream[:split], stream[split : split + 20], stream[split + 20 :]):
+            await nc._ps.parse(part)
+
+    asyncio.run(feed())
+    assert got == [("m.é", b"ok"), ("m.ü", b"next")]
+    assert bad == [b"m.\xff"]

@@ -190,11 +190,13 @@ class NatsCluster(Incoming):
         delivery close could not confirm (each loss is also logged at ERROR); ``refused``
         messages (buffer full); ``received`` messages handed to subscriptions,
         ``receive_dropped`` messages subscriptions dropped because they were full (a slow
-        consumer; reported at WARNING), ``callback_errors`` raised by subscription
-        callbacks (logged at ERROR) and ``discarded`` messages received but thrown away
-        because their subscription ended first (still pending at ``unsubscribe()``, or
-        when a drain, ``close()``'s included, ran out of time; logged once per
-        subscription); and the gauges ``queued`` messages not yet handed to
+        consumer; reported at WARNING), ``receive_malformed`` messages dropped because
+        they could not be read (a subject, reply subject or status line that is not UTF-8,
+        a broken header block; reported at WARNING), ``callback_errors`` raised by
+        subscription callbacks (logged at ERROR) and ``discarded`` messages received but
+        thrown away because their subscription ended first (still pending at
+        ``unsubscribe()``, or when a drain, ``close()``'s included, ran out of time; logged
+        once per subscription); and the gauges ``queued`` messages not yet handed to
         the client, ``unsent_bytes`` handed to it but not yet written to the socket (with
         replay: not yet confirmed) and ``subscriptions``; ``requests`` sent and
         ``late_replies`` that came after their requester had given up (dropped).
@@ -205,6 +207,7 @@ class NatsCluster(Incoming):
         received, dropped, errors, discarded = self._receivers.counts()
         result["received"] = received
         result["receive_dropped"] = dropped
+        result["receive_malformed"] = self._receivers.malformed
         result["callback_errors"] = errors
         result["discarded"] = discarded
         result["subscriptions"] = len(self._receivers)
@@ -373,6 +376,9 @@ class NatsCluster(Incoming):
     def _client_discovered(self, nc: Client) -> None:
         found = [redact_url(s.geturl()) for s in nc.discovered_servers]
         self.logger.info("cluster %s: discovered servers %s", self.name, found)
+
+    def _client_malformed(self, subject: bytes, exc: Exception) -> None:
+        self._receivers.on_malformed(subject, exc)
 
     def _client_lame_duck(self, nc: Client) -> None:
         self.logger.warning(

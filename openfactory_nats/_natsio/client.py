@@ -63,6 +63,9 @@ class ClientOwner(Protocol):
 
     def _client_lame_duck(self, nc: Client) -> None: ...
 
+    def _client_malformed(self, subject: bytes, exc: Exception) -> None:
+        """A received message could not be read (see ``internals.guard_messages``)."""
+
 
 def is_refusal(exc: BaseException) -> bool:
     """True when retrying cannot help: credentials or certificates refused. nats-py 2.16
@@ -132,6 +135,7 @@ async def open_client(cluster: ClientOwner, options: dict[str, Any], deadline: f
     """
     loop = asyncio.get_running_loop()
     nc = Client()
+    internals.guard_messages(nc, cluster._client_malformed)  # before its read loop starts
     refused: asyncio.Future[BaseException] = loop.create_future()
     task = loop.create_task(nc.connect(**options, **_callbacks(cluster, nc, refused)))
     waiting: set[asyncio.Future[Any]] = {task, refused}

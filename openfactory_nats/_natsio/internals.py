@@ -5,10 +5,12 @@ and one message object per received message, queued for its subscription's task.
 fast path instead writes frames built in the publishing threads to the connection in
 batches (:func:`write_frames`), after nats-py's own pending commands, and hands each
 received message of the library's subscriptions from nats-py's parser straight to its
-receiver (:func:`route_messages`). It relies on private attributes of ``nats.aio.client.Client``;
-:func:`supports_fast_path` checks that they are there (tested against the nats-py range
-that ``setup.cfg`` pins), and the library falls back to the public ``publish`` when they
-are not, or when ``OPENFACTORY_NATS_PUBLIC_API=1`` is set.
+receiver (:func:`route_messages`). On both paths a received message that cannot be read
+is dropped there instead of ending nats-py's read loop (:func:`guard_messages`). It
+relies on private attributes of ``nats.aio.client.Client``; :func:`supports_fast_path`
+checks that they are there (tested against the nats-py range that ``setup.cfg`` pins),
+and the library falls back to the public ``publish`` when they are not, or when
+``OPENFACTORY_NATS_PUBLIC_API=1`` is set.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ __all__ = (
     "divert_pending",
     "drain_subscription",
     "drop_transport",
+    "guard_messages",
     "pending_bytes",
     "same_connection",
     "send_ping",
@@ -99,21 +102,42 @@ async def drain_subscription(nc: Client, sub: Subscription, timeout: float) -> b
 
 #: ``deliver(subject, reply, data, headers)``: a message of a routed subscription.
 Deliver = Callable[[bytes, bytes, bytes, "dict[str, str] | None"], None]
-_ROUTES = "_openfactory_nats_routes"
+#: ``on_malformed(subject, error)``: a message that could not be read, dropped.
+Malformed = Callable[[bytes, Exception], None]
+_DOOR = "_openfactory_nats_door"
+_ROUTES = "_openfactory_nats_routes"  # the door's routes too (tests look at them)
+#: What reading a message the server forwards as it got it may raise: a subject, reply
+#: subject or status line that is not UTF-8 (``UnicodeDecodeError``); a header block
+#: shorter than its ``NATS/1.0`` line (nats-py's ``_process_headers`` indexes past it).
+_MALFORMED = (UnicodeDecodeError, IndexError)
 
 
-def route_messages(nc: Client, sid: int, deliver: Deliver | None) -> None:
-    """Hand the messages of subscription *sid* to *deliver* as nats-py's parser reads
-    them, instead of building a nats-py message each and queueing it (None: stop)."""
-    routes: dict[int, Deliver] | None = nc.__dict__.get(_ROUTES)
-    if routes is None:
-        routes = {}
-        setattr(nc, _ROUTES, routes)
-        original = nc._process_msg
-        stats = nc.stats
-        process_headers = nc._process_headers
+class _Door:
+    """The client's messages as nats-py's parser hands them over: the routed
+    subscriptions, and who is told of a message that cannot be read."""
 
-        async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+    __slots__ = ("on_malformed", "routes")
+
+    def __init__(self) -> None:
+        self.routes: dict[int, Deliver] = {}
+        self.on_malformed: Malformed | None = None
+
+
+def _door(nc: Client) -> _Door:
+    """The client's :class:`_Door`, put in front of its ``_process_msg`` on first use."""
+    door: _Door | None = nc.__dict__.get(_DOOR)
+    if door is not None:
+        return door
+    door = _Door()
+    setattr(nc, _DOOR, door)
+    setattr(nc, _ROUTES, door.routes)
+    routes = door.routes
+    original = nc._process_msg
+    stats = nc.stats
+    process_headers = nc._process_headers
+
+    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        try:
             deliver = routes.get(sid)
             if deliver is None:
                 await original(sid, subject, reply, data, headers)
@@ -121,8 +145,39 @@ def route_messages(nc: Client, sid: int, deliver: Deliver | None) -> None:
             stats["in_msgs"] += 1
             stats["in_bytes"] += len(data)
             deliver(subject, reply, data, await process_headers(headers) if headers else None)
+        except _MALFORMED as exc:
+            # Raised out of here, it would end nats-py's read loop (see guard_messages).
+            # The parser has consumed the message already: it goes on with the next one.
+            on_malformed = door.on_malformed
+            if on_malformed is not None:
+                on_malformed(subject, exc)
 
-        nc._process_msg = process_msg  # type: ignore[method-assign]
+    nc._process_msg = process_msg  # type: ignore[method-assign]
+    return door
+
+
+def guard_messages(nc: Client, on_malformed: Malformed) -> None:
+    """Drop each message of client *nc* that cannot be read, telling *on_malformed*,
+    instead of letting nats-py's read loop end on it. Call before connecting.
+
+    nats-py's parser hands subject, reply subject and header block over as bytes, and
+    the server forwards them from any publisher as they came (not UTF-8, a header block
+    without its ``NATS/1.0`` line). Decoding them, in nats-py or in the receivers here,
+    raises; the exception ends nats-py's read loop (logged to its own logger only): the
+    client, still "connected", reads nothing more, neither messages nor PONGs, until its
+    pings go unanswered (``ping_interval`` x ``max_outstanding_pings``) and it
+    reconnects. Both paths go through here: the fast path's routed subscriptions and
+    nats-py's own message processing (the public-API path's callbacks). A nats-py without
+    ``_process_msg`` is left as it is.
+    """
+    if callable(getattr(nc, "_process_msg", None)) and callable(getattr(nc, "_process_headers", None)):
+        _door(nc).on_malformed = on_malformed
+
+
+def route_messages(nc: Client, sid: int, deliver: Deliver | None) -> None:
+    """Hand the messages of subscription *sid* to *deliver* as nats-py's parser reads
+    them, instead of building a nats-py message each and queueing it (None: stop)."""
+    routes = _door(nc).routes
     if deliver is None:
         routes.pop(sid, None)
     else:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,7 +34,10 @@ from .._message import Msg, Responder
 from .._natsio import internals
 from .._natsio.client import refuses_subscription
 
-__all__ = ("Receiver", "Receivers", "Sink")
+__all__ = ("MALFORMED_REPORT_INTERVAL", "Receiver", "Receivers", "Sink")
+
+#: Seconds between two reports of messages dropped because they could not be read.
+MALFORMED_REPORT_INTERVAL = 5.0
 
 _RECONNECT_POLL = 0.02
 
@@ -213,6 +217,10 @@ class Receivers:
         self._gone = [0, 0, 0, 0]
         #: Receivers whose SUB is out and not yet confirmed (see :meth:`refused`).
         self._confirming: set[Receiver] = set()
+        #: Messages dropped because they could not be read (see ``on_malformed``).
+        self.malformed = 0
+        self._malformed_reported = 0
+        self._malformed_next_report = 0.0
         renew_after_fork(self)
 
     def _renew_after_fork(self) -> None:
@@ -298,6 +306,26 @@ class Receivers:
                     receiver.subject,
                     exc,
                 )
+
+    def on_malformed(self, subject: bytes, exc: Exception) -> None:
+        """(The loop) A message that could not be read (``_natsio.guard_messages``): it
+        is dropped and counted, and reported at WARNING at most once every
+        :data:`MALFORMED_REPORT_INTERVAL` seconds; the connection goes on."""
+        self.malformed += 1
+        now = time.monotonic()
+        if now < self._malformed_next_report:
+            return
+        self._malformed_next_report = now + MALFORMED_REPORT_INTERVAL
+        count, self._malformed_reported = self.malformed - self._malformed_reported, self.malformed
+        self.logger.warning(
+            "cluster %s: %d message(s) dropped since the last report because they could not be read "
+            "(%d in all), e.g. on subject %r: %s",
+            self.cluster,
+            count,
+            self.malformed,
+            subject[:100],
+            exc,
+        )
 
     def hand_over_all(self) -> None:
         for receiver in list(self._all):
