@@ -162,6 +162,20 @@ def test_workers_run_handlers_concurrently(service: SyncNatsCluster, client: Syn
 
 
 @pytest.mark.timeout(30)
+def test_the_subscription_owns_its_serving_threads(service: SyncNatsCluster, client: SyncNatsCluster) -> None:
+    plain = service.subscribe("svc.plain")
+    assert plain.workers == ()
+    sub = service.serve("svc.own", lambda msg: b"ok", workers=3)
+    assert len(sub.workers) == 3 and all(t.is_alive() and t.daemon for t in sub.workers)
+    assert {t.name for t in sub.workers} == {f"openfactory-nats-service-serve-svc.own-{i}" for i in range(3)}
+    assert client.request("svc.own", b"x").data == b"ok"
+    sub.unsubscribe(timeout=5)
+    assert not any(t.is_alive() for t in sub.workers)  # joined by unsubscribe
+    with pytest.raises(NoRespondersError):
+        client.request("svc.own", b"x", timeout=5)
+
+
+@pytest.mark.timeout(30)
 def test_a_queue_group_spreads_requests_over_two_services(
     server: NatsServer, logger: logging.Logger, client: SyncNatsCluster
 ) -> None:

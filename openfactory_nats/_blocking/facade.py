@@ -29,7 +29,7 @@ from .._message import Msg
 from .._receive.dispatcher import Dispatcher, delivering
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from .._receive.receivers import Receiver
-from .._receive.serving import SPREAD_AFTER, Handler, check_workers, start_workers
+from .._receive.serving import Handler, Workers, check_workers
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
 from .._wire import check_timeout
@@ -358,13 +358,19 @@ class SyncNatsCluster:
             as :meth:`subscribe`.
         """
         count = check_workers(handler, workers)
-        sub = self.subscribe(subject, queue=queue, timeout=timeout)
-        sub._inbox.wake_lazily(SPREAD_AFTER)
-        threads = start_workers(
-            sub._inbox.__iter__, handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"
+        sub = open_subscription(
+            [self],
+            self.name,
+            subject,
+            None,
+            queue=queue,
+            max_pending_msgs=DEFAULT_MAX_MSGS,
+            max_pending_bytes=DEFAULT_MAX_BYTES,
+            dispatcher=None,
+            timeout=self._wait(timeout),
+            workers=Workers(handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"),
         )
-        sub._threads = threads
-        self._workers[:] = [t for t in self._workers if t.is_alive()] + threads  # forget ended ones
+        self._workers[:] = [t for t in self._workers if t.is_alive()] + list(sub.workers)  # forget ended ones
         return sub
 
     def request(

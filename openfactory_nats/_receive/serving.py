@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .._errors import InvalidMessageError, InvalidTypeError, NatsClusterError
@@ -19,12 +20,27 @@ from .._message import Msg
 from .dispatcher import mark_delivering
 from .replies import error_headers
 
-__all__ = ("SPREAD_AFTER", "Handler", "reply_of", "start_workers")
+__all__ = ("SPREAD_AFTER", "Handler", "Workers", "check_workers", "reply_of", "start_workers")
 
 #: Seconds requests wait for a busy worker before the idle workers are woken for them.
 SPREAD_AFTER = 0.001
 
 Handler = Callable[[Msg], Any]
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The threads that serve a subscription's requests: *count* threads named after
+    *name* run *handler*; made by :meth:`~openfactory_nats.SyncNatsCluster.serve` and
+    started, owned and joined by the subscription they read."""
+
+    handler: Handler
+    count: int
+    logger: logging.Logger
+    name: str
+
+    def start(self, messages: Callable[[], Iterator[Msg]]) -> list[threading.Thread]:
+        return start_workers(messages, self.handler, self.count, self.logger, self.name)
 
 
 def check_workers(handler: object, workers: object) -> int:

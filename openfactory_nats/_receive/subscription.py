@@ -33,6 +33,7 @@ from .._wire import check_timeout
 from .dispatcher import Dispatcher
 from .inbox import DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
 from .receivers import Receiver
+from .serving import SPREAD_AFTER, Workers
 
 __all__ = ("AsyncSubscription", "Core", "Facade", "Owner", "Subscription", "open_subscription")
 
@@ -83,14 +84,21 @@ class Subscription:
     manager it unsubscribes on exit.
     """
 
-    def __init__(self, name: str, parts: list[tuple[Facade, Receiver]], inbox: Inbox, timeout: float) -> None:
+    def __init__(
+        self,
+        name: str,
+        parts: list[tuple[Facade, Receiver]],
+        inbox: Inbox,
+        timeout: float,
+        workers: Workers | None = None,
+    ) -> None:
         self._name = name
         self._parts = parts
         self._inbox = inbox
         self._timeout = timeout
         self._pid = os.getpid()
         #: Threads that read this subscription (``serve``): joined when it ends.
-        self._threads: list[threading.Thread] = []
+        self._threads: tuple[threading.Thread, ...] = () if workers is None else tuple(workers.start(self.__iter__))
 
     def __repr__(self) -> str:
         return f"<Subscription {self.subject!r} queue={self.queue!r} on {self._name!r}>"
@@ -131,6 +139,12 @@ class Subscription:
         pending at ``unsubscribe()``, or when a drain (``close()`` of the cluster too) ran
         out of time, or arriving after it ended (logged once)."""
         return self._inbox.discarded
+
+    @property
+    def workers(self) -> tuple[threading.Thread, ...]:
+        """The threads that answer this subscription's requests (made by ``serve``; empty
+        otherwise). They end, and are joined, when the subscription ends."""
+        return self._threads
 
     @property
     def is_open(self) -> bool:
@@ -238,9 +252,12 @@ def open_subscription(
     max_pending_bytes: int,
     dispatcher: Dispatcher | None,
     timeout: float,
+    workers: Workers | None = None,
 ) -> Subscription:
     """Subscribe on every one of *clusters*, delivering into one inbox (see
-    :meth:`SyncNatsCluster.subscribe`); validation happens in the caller's thread."""
+    :meth:`SyncNatsCluster.subscribe`); validation happens in the caller's thread. With
+    *workers* (``serve``), the subscription starts the threads that answer its requests
+    once the server has registered it, and owns them."""
     filt = validate_filter(subject)
     group = validate_queue(queue)
     check_sub_line(filt, group)
@@ -258,6 +275,8 @@ def open_subscription(
         max_bytes=max_pending_bytes,
         check_thread=first.thread_check(),
     )
+    if workers is not None:
+        inbox.wake_lazily(SPREAD_AFTER)  # before the first request can come in
     # The receivers reach the core only: a cluster nobody holds any more can be collected.
     parts = [(cluster, Receiver(filt, group, inbox, cluster.cluster.respond)) for cluster in clusters]
     deadline = time.monotonic() + timeout
@@ -272,7 +291,7 @@ def open_subscription(
             with contextlib.suppress(NatsClusterError):
                 cluster._remove(receiver, drain=False, timeout=1.0)
         raise
-    return Subscription(name, parts, inbox, timeout)
+    return Subscription(name, parts, inbox, timeout, workers)
 
 
 AsyncCallback = Callable[[Msg], Awaitable[object]]
