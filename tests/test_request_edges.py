@@ -172,3 +172,29 @@ def test_a_request_to_the_longest_subject_fits_the_control_line(
         for nats in (service, client):
             stats = nats.stats()
             assert (stats["disconnects"], stats["reconnects"], stats["errors"]) == (0, 0, 0)
+
+
+@pytest.mark.timeout(30)
+def test_a_request_given_up_by_either_api_leaves_no_waiter_behind(server: NatsServer, logger: logging.Logger) -> None:
+    """Both APIs drive one request life (NatsCluster.request_life): a blocking request
+    that times out and an async one that is cancelled both forget their waiter, and the
+    reply inbox then serves the next request."""
+    with SyncNatsCluster("RL", [server.url], logger) as cluster:
+        cluster.subscribe("rl.silent")  # a listener that never answers: no 503
+        with pytest.raises(ClusterTimeoutError):
+            cluster.request("rl.silent", b"x", timeout=0.2)
+        replies = cluster.cluster.replies()
+        assert replies is not None and not replies._waiting
+
+        async def cancelled() -> None:
+            task = asyncio.ensure_future(cluster.cluster.request("rl.silent", b"y", timeout=10))
+            await asyncio.sleep(0.2)
+            assert len(replies._waiting) == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run_coroutine_threadsafe(cancelled(), cluster.loop).result(10)
+        assert not replies._waiting
+        cluster.serve("rl.echo", lambda msg: msg.data)
+        assert cluster.request("rl.echo", b"z", timeout=5).data == b"z"

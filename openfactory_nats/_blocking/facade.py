@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
 
 from .._core.cluster import NatsCluster
+from .._core.incoming import CONNECT
 from .._core.lifecycle import ClusterState
 from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
 from .._message import Msg
@@ -400,22 +401,23 @@ class SyncNatsCluster:
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         wait = self._timeout if timeout is None else check_timeout(timeout)
         core = self._core
-        deadline = time.monotonic() + wait
-        replies = core.replies()
-        if replies is None:
-            core.check_open()
-            core.prepare(subject, payload, headers)  # bad input raises before connecting
-            replies = self._call(core.ensure_replies(wait), wait + 1.0)
-        waiter = replies.expect()
+        life = core.request_life(subject, payload, headers, wait, time.monotonic)
         try:
-            while not core.offer_request(
-                subject, waiter.reply, payload, headers, max(0.0, deadline - time.monotonic())
-            ):
-                self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
-            answered = waiter.wait(deadline - time.monotonic())
+            step, left, waiter = next(life)
+            while True:
+                if waiter is not None:
+                    waiter.wait(left)
+                    step, left, waiter = life.send(None)
+                elif step == CONNECT:
+                    self._call(core.connect(), left, connecting=True)
+                    step, left, waiter = life.send(None)
+                else:  # REPLIES: bounded on its own, as it is shared by every first request
+                    step, left, waiter = life.send(self._call(core.ensure_replies(left), left + 1.0))
+        except StopIteration as end:
+            reply: Msg = end.value
+            return reply
         finally:
-            replies.forget(waiter)
-        return core.request_outcome(subject, waiter, answered, wait)
+            life.close()  # a wait that raised: the request is forgotten
 
     def dispatcher(self, threads: int = 4) -> Dispatcher:
         """Worker threads to share among subscriptions with callbacks (pass it as

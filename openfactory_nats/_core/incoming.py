@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Final
 
 import nats.errors
 from nats.aio.client import Client
@@ -38,9 +38,17 @@ from .._wire import (
 )
 from .lifecycle import Lifecycle, Phase
 
-__all__ = ("Incoming",)
+__all__ = ("CONNECT", "REPLIES", "REPLY", "Incoming", "RequestLife", "RequestStep")
 
 _OPEN = Phase.OPEN
+
+#: What a request's life (:meth:`Incoming.request_life`) waits for, each with a timeout:
+#: the reply inbox to be subscribed, a connection, or the reply of ``(REPLY, t, waiter)``.
+REPLIES: Final = "replies"
+CONNECT: Final = "connect"
+REPLY: Final = "reply"
+RequestStep = tuple[str, float, Waiter | None]
+RequestLife = Generator[RequestStep, object, Msg]
 
 
 class Incoming:
@@ -141,6 +149,45 @@ class Incoming:
         self._stats.add("requests")
         return True
 
+    def request_life(
+        self,
+        subject: str,
+        payload: object,
+        headers: Mapping[str, str] | None,
+        wait: float,
+        clock: Callable[[], float],
+        future: Callable[[], asyncio.Future[None]] | None = None,
+    ) -> RequestLife:
+        """One request, from validation to its reply, the same for the blocking and the
+        asyncio API: a generator that yields what it waits for (a :data:`RequestStep`:
+        :data:`REPLIES`, :data:`CONNECT` or :data:`REPLY`, with the time left on *clock*)
+        and returns the reply. Its driver waits as its caller can (a blocked thread, or
+        an awaiting task) and sends back the outcome; closing the generator (the driver
+        gave up) forgets the waiting caller. With *future* (asyncio), the reply completes
+        a future made by it, and queueing never waits for room in the buffer.
+
+        :raises: as :meth:`request`.
+        """
+        deadline = clock() + wait
+        replies = self._replies_ready
+        if replies is None:  # the first request: bad input raises before connecting
+            self._life.check_open()
+            self.prepare(subject, payload, headers)
+            got = yield REPLIES, wait, None
+            assert isinstance(got, Replies)
+            replies = got
+        waiter = replies.expect(None if future is None else future())
+        try:
+            room = future is None  # a thread may wait for room in the buffer; the loop may not
+            while not self.offer_request(
+                subject, waiter.reply, payload, headers, max(0.0, deadline - clock()) if room else 0.0
+            ):
+                yield CONNECT, max(0.0, deadline - clock()), None
+            yield REPLY, deadline - clock(), waiter
+        finally:
+            replies.forget(waiter)
+        return self.request_outcome(subject, waiter, wait)
+
     async def request(
         self,
         subject: str,
@@ -159,20 +206,26 @@ class Incoming:
         """
         self._life.check_open()
         wait = check_timeout(timeout)
-        self.prepare(subject, payload, headers)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        replies = await self.ensure_replies(wait)
-        waiter = replies.expect(loop.create_future())
+        life = self.request_life(subject, payload, headers, wait, loop.time, loop.create_future)
         try:
-            while not self.offer_request(subject, waiter.reply, payload, headers, 0.0):
-                await self._connect(max(0.0, deadline - loop.time()))
-            done, _ = await asyncio.wait({waiter.future}, timeout=max(0.0, deadline - loop.time()))
+            step, left, waiter = next(life)
+            while True:
+                if waiter is not None:
+                    await asyncio.wait({waiter.future}, timeout=max(0.0, left))
+                    step, left, waiter = life.send(None)
+                elif step == CONNECT:
+                    await self._connect(left)
+                    step, left, waiter = life.send(None)
+                else:
+                    step, left, waiter = life.send(await self.ensure_replies(left))
+        except StopIteration as end:
+            reply: Msg = end.value
+            return reply
         finally:
-            replies.forget(waiter)
-        return self.request_outcome(subject, waiter, done, wait)
+            life.close()
 
-    def request_outcome(self, subject: str, waiter: Waiter, answered: object, wait: float) -> Msg:
+    def request_outcome(self, subject: str, waiter: Waiter, wait: float) -> Msg:
         """The reply *waiter* got, or the error it stands for (any thread)."""
         if waiter.error is not None:
             raise waiter.error
