@@ -176,14 +176,14 @@ def test_a_request_to_the_longest_subject_fits_the_control_line(
 
 @pytest.mark.timeout(30)
 def test_a_request_given_up_by_either_api_leaves_no_waiter_behind(server: NatsServer, logger: logging.Logger) -> None:
-    """Both APIs drive one request life (NatsCluster.request_life): a blocking request
+    """Both APIs drive one request life (Incoming.request_life): a blocking request
     that times out and an async one that is cancelled both forget their waiter, and the
     reply inbox then serves the next request."""
     with SyncNatsCluster("RL", [server.url], logger) as cluster:
         cluster.subscribe("rl.silent")  # a listener that never answers: no 503
         with pytest.raises(ClusterTimeoutError):
             cluster.request("rl.silent", b"x", timeout=0.2)
-        replies = cluster.cluster.replies()
+        replies = cluster.cluster.incoming.replies()
         assert replies is not None and not replies._waiting
 
         async def cancelled() -> None:

@@ -427,7 +427,7 @@ def test_a_child_forked_during_relayed_requests_requests_on_its_own(
     client.request("review.fork", b"warm", timeout=5)
     threads, outcomes, unexpected = _storm(client, "review.fork", 6, 400, 5.0)
     time.sleep(0.3)
-    replies = client.cluster.replies()
+    replies = client.cluster.incoming.replies()
     assert replies is not None
     with replies._relay_lock:  # as if a parent thread held it at the moment of fork
         pid = os.fork()

@@ -328,9 +328,9 @@ class SyncNatsCluster:
         """Subscribe *receiver* on this cluster, within *wait* s (see :meth:`subscribe`)."""
         core = self._enter()
         try:
-            self._call(core.add_receiver(receiver, wait), wait + 1.0)
+            self._call(core.incoming.add_receiver(receiver, wait), wait + 1.0)
         except BaseException:
-            coro = core.remove_receiver(receiver, drain=False)  # if it got that far
+            coro = core.incoming.remove_receiver(receiver, drain=False)  # if it got that far
             try:
                 self._runner.submit(coro)
             except RuntimeError:
@@ -401,7 +401,7 @@ class SyncNatsCluster:
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         wait = self._timeout if timeout is None else check_timeout(timeout)
         core = self._core
-        life = core.request_life(subject, payload, headers, wait, time.monotonic)
+        life = core.incoming.request_life(subject, payload, headers, wait, time.monotonic)
         try:
             step, left, waiter = next(life)
             while True:
@@ -412,7 +412,7 @@ class SyncNatsCluster:
                     self._call(core.connect(), left, connecting=True)
                     step, left, waiter = life.send(None)
                 else:  # REPLIES: bounded on its own, as it is shared by every first request
-                    step, left, waiter = life.send(self._call(core.ensure_replies(left), left + 1.0))
+                    step, left, waiter = life.send(self._call(core.incoming.ensure_replies(left), left + 1.0))
         except StopIteration as end:
             reply: Msg = end.value
             return reply
@@ -435,7 +435,7 @@ class SyncNatsCluster:
             return True
         self._check_thread()
         try:
-            return self._call(self._core.remove_receiver(receiver, drain, timeout), timeout + 1.0)
+            return self._call(self._core.incoming.remove_receiver(receiver, drain, timeout), timeout + 1.0)
         except ClusterClosedError:
             return True  # closing meanwhile: the close ends it
 
@@ -495,7 +495,7 @@ class SyncNatsCluster:
                 return
             self._finalizer.detach()  # what the child inherited belongs to the parent
             keep_inherited(self._runner, self._core)
-            inherited = len(self._core.sinks(internal=False))
+            inherited = len(self._core.incoming.sinks(internal=False))
             if inherited:
                 self._core.logger.warning(
                     "cluster %s: %d subscription(s) made by the parent process do not deliver in this "
@@ -534,7 +534,7 @@ def _shutdown(
     if os.getpid() != pid:
         return  # inherited through fork: it belongs to the parent
     core.begin_close()  # refuse new messages from now on, in every thread
-    sinks = core.sinks()  # no subscription is added once closing has begun
+    sinks = core.incoming.sinks()  # no subscription is added once closing has begun
     loop = runner.loop
     if runner.in_loop_thread():  # collected on the loop thread itself: don't wait there
         task = loop.create_task(core.close(wait))

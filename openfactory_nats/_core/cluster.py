@@ -25,10 +25,11 @@ from .._errors import (
     InvalidTypeError,
     WrongThreadError,
 )
+from .._message import Msg
 from .._natsio import internals
 from .._natsio.client import CALLBACKS, describe, open_client
-from .._receive.receivers import Receivers
-from .._receive.replies import Replies
+from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
+from .._receive.subscription import AsyncCallback, AsyncSubscription
 from .._redact import redact_url
 from .._send.acked import MSG_ID_HEADER, PubAck, check_msg_id, new_msg_id, publish_acked
 from .._send.pump import Pump
@@ -61,7 +62,7 @@ _warned_public_api = False
 Item = Any  # a frame (fast path) or a (subject, payload, headers, size, reply) tuple (public-API path)
 
 
-class NatsCluster(Incoming):
+class NatsCluster:
     """Wrapper around one connection to a NATS cluster, for asyncio code.
 
     :param name: logical cluster name, used in logs and errors (e.g. ``"C1"``).
@@ -136,15 +137,30 @@ class NatsCluster(Incoming):
             wake=self._wake,
             fast=self._fast,
             replay=replay_unconfirmed,
-            still_wanted=self._still_wanted,
+            still_wanted=lambda frame: self.incoming.still_wanted(frame),
         )
         self._life = Lifecycle(name, logger, on_close=self._refuse_new)
-        self._replies: Replies | None = None
-        self._replies_task: asyncio.Task[None] | None = None
-        self._replies_ready: Replies | None = None
         self._revive: asyncio.Task[None] | None = None
-        self._receivers = Receivers(name, logger, self._fast)
         self._max_payload = _DEFAULT_MAX_PAYLOAD
+        #: The receive side: subscriptions and requests (see :mod:`.incoming`).
+        self.incoming = Incoming(
+            name,
+            logger,
+            self._life,
+            self._pump,
+            self._stats,
+            fast=self._fast,
+            connect_timeout=self.connect_timeout,
+            connect=self._connect,
+            attached=self._attached,
+            adopt_loop=self._adopt_loop,
+            on_loop=self._on_loop,
+            lost_error=self._lost_error,
+            offer=self.offer,
+            prepare=self.prepare,
+            max_payload=lambda: self._max_payload,
+        )
+        self._receivers = self.incoming.receivers
         self._js: Any = None
         self._close_task: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
@@ -211,20 +227,25 @@ class NatsCluster(Incoming):
         result["callback_errors"] = errors
         result["discarded"] = discarded
         result["subscriptions"] = len(self._receivers)
-        result["late_replies"] = self._replies.late if self._replies is not None else 0
+        result["late_replies"] = self.incoming.late_replies
         return result
 
     def _refuse_new(self) -> None:
         """Closing has begun (any thread): refuse new messages, and end the requests
         waiting for a reply at once."""
         self._pump.outbox.shut()
-        if self._replies is not None:
-            self._replies.fail_all(ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name))
+        self.incoming.fail_requests(
+            ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name), for_good=True
+        )
 
     def _attached(self) -> Client | None:
         """The client messages go to: the open one, or the one being drained."""
         phase = self._life.phase
         return self.nc if phase is Phase.OPEN or phase is Phase.CLOSING else None
+
+    def _on_loop(self) -> bool:
+        """True on the event-loop thread this core runs on."""
+        return self._loop is not None and asyncio._get_running_loop() is self._loop
 
     def _wake(self) -> None:
         """Ask the loop to move queued messages into the client (any thread)."""
@@ -356,8 +377,7 @@ class NatsCluster(Incoming):
     def _client_closed(self, nc: Client) -> None:
         if nc is self.nc and self._life.lost():
             self._pump.lose_in_flight("nats-py closed the connection for good")
-            if self._replies is not None:  # their requests went with the connection
-                self._replies.fail_waiting(self._lost_error("request"))
+            self.incoming.fail_requests(self._lost_error("request"), for_good=False)  # gone with the connection
             if len(self._receivers):  # subscribers make no next call: come back by ourselves
                 self.logger.error("cluster %s: connection closed by the client; reconnecting", self.name)
                 self._revive = asyncio.get_running_loop().create_task(self._reconnect_receivers())
@@ -603,6 +623,71 @@ class NatsCluster(Incoming):
                     return
                 continue  # timed out (the loop raises) or lost: try again once reconnected
             await asyncio.sleep(_POLL)
+
+    # -- receiving (the work is done by self.incoming) ------------------------------
+    async def subscribe(
+        self,
+        subject: str,
+        callback: AsyncCallback | None = None,
+        *,
+        queue: str | None = None,
+        max_pending_msgs: int = DEFAULT_MAX_MSGS,
+        max_pending_bytes: int = DEFAULT_MAX_BYTES,
+        timeout: float = 10.0,
+    ) -> AsyncSubscription:
+        """Subscribe to *subject* (wildcards allowed: ``*`` a token, ``>`` the rest).
+
+        With an ``async`` *callback*, it is awaited for each message, in order; without
+        one, read with ``await sub.next_msg(timeout)`` or ``async for msg in sub``. Beyond
+        the limits, messages are dropped, counted (``sub.dropped``) and reported. Returns
+        once the server has registered the interest.
+
+        :raises InvalidMessageError: for an invalid subject filter or queue group, or
+            both together too long for the server's control line.
+        :raises InvalidTypeError: for arguments of the wrong type.
+        :raises ConnectError: when the cluster cannot be reached.
+        :raises RefusedError: when the server refused the subscription (permissions,
+            limits).
+        :raises ClusterUnavailableError: when the connection was lost while subscribing.
+        :raises ClusterClosedError: after :meth:`close`.
+        """
+        return await self.incoming.subscribe(
+            subject,
+            callback,
+            queue=queue,
+            max_pending_msgs=max_pending_msgs,
+            max_pending_bytes=max_pending_bytes,
+            timeout=timeout,
+        )
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 10.0,
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> Msg:
+        """Send a request and return the reply (see :meth:`SyncNatsCluster.request`).
+
+        :raises NoRespondersError: when nobody listens on *subject*.
+        :raises ServiceError: when the service answered with an error.
+        :raises ClusterTimeoutError: when no reply came within *timeout* s.
+        :raises BufferFullError: when the outgoing buffer is full.
+        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
+        """
+        return await self.incoming.request(subject, payload, timeout, headers=headers)
+
+    def respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
+        """What :meth:`Msg.respond` calls: queue a reply, from any thread; on the event
+        loop it never waits (a full buffer raises ``BufferFullError`` at once).
+
+        :raises InvalidMessageError: for a reply subject one cannot publish to (too
+            long, an empty token, a wildcard): the server would drop the reply, or close
+            the connection.
+        :raises ClusterUnavailableError: when no client is open (the reply is not sent).
+        """
+        self.incoming.respond(reply, data, headers)
 
     def begin_close(self) -> None:
         """Refuse new messages from now on (any thread); :meth:`close` finishes closing."""

@@ -1,8 +1,10 @@
 """The receive side of :class:`~openfactory_nats.NatsCluster`: subscriptions and
 request/reply, kept apart from the connection's life cycle and the publishing path.
 
-:class:`Incoming` is a base class of ``NatsCluster``; it relies on the core's state and
-methods declared below (for the type checker) and defined in :mod:`.cluster`.
+:class:`Incoming` is one object per core. It owns the core's receivers (its
+subscriptions, :class:`~openfactory_nats._receive.receivers.Receivers`) and its reply
+inbox; what it needs of the core (the life cycle, the pump, the counters, connecting,
+queueing a message) is handed to it when it is made, and nothing else is read.
 """
 
 from __future__ import annotations
@@ -10,13 +12,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable, Generator, Mapping
-from typing import TYPE_CHECKING, Final
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Final
 
 import nats.errors
 from nats.aio.client import Client
 
-from .._errors import BufferFullError, ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, RefusedError
+from .._errors import (
+    BufferFullError,
+    ClusterClosedError,
+    ClusterTimeoutError,
+    ClusterUnavailableError,
+    NatsClusterError,
+    RefusedError,
+)
 from .._filters import check_sub_line, validate_filter, validate_queue
 from .._message import Msg
 from .._natsio.client import describe, is_limit_refusal
@@ -52,32 +61,73 @@ RequestLife = Generator[RequestStep, object, Msg]
 
 
 class Incoming:
-    """Subscribing and requesting, for :class:`~openfactory_nats.NatsCluster`."""
+    """Subscribing and requesting, for one :class:`~openfactory_nats.NatsCluster`.
 
-    if TYPE_CHECKING:
-        name: str
-        logger: logging.Logger
-        connect_timeout: float
-        _life: Lifecycle
-        _pump: Pump
-        _stats: Stats
-        _fast: bool
-        _max_payload: int
-        _loop: asyncio.AbstractEventLoop | None
-        _last_error: BaseException | None
-        _receivers: Receivers
-        _replies: Replies | None
-        _replies_task: asyncio.Task[None] | None
-        _replies_ready: Replies | None
+    :param connect: connect within the given seconds (the core's ``_connect``).
+    :param attached: the client messages go to now, or None.
+    :param adopt_loop: bind the core to the running event loop.
+    :param on_loop: True on the core's event-loop thread.
+    :param lost_error: the error for an operation (named) that found no client.
+    :param offer: queue a message, as ``NatsCluster.offer``.
+    :param prepare: validate a message, as ``NatsCluster.prepare``.
+    :param max_payload: the server's limit on a message's payload and headers, now.
+    """
 
-        def _adopt_loop(self) -> None: ...
-        async def _connect(self, timeout: float) -> None: ...
-        def _attached(self) -> Client | None: ...
-        def _lost_error(self, what: str) -> ClusterUnavailableError: ...
-        def prepare(self, subject: object, payload: object, headers: object, max_payload: int | None = None) -> int: ...
-        def offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool: ...
+    def __init__(
+        self,
+        name: str,
+        logger: logging.Logger,
+        life: Lifecycle,
+        pump: Pump,
+        stats: Stats,
+        *,
+        fast: bool,
+        connect_timeout: float,
+        connect: Callable[[float], Awaitable[None]],
+        attached: Callable[[], Client | None],
+        adopt_loop: Callable[[], None],
+        on_loop: Callable[[], bool],
+        lost_error: Callable[[str], ClusterUnavailableError],
+        offer: Callable[[object, object, object, float], bool],
+        prepare: Callable[[object, object, object], int],
+        max_payload: Callable[[], int],
+    ) -> None:
+        self.name = name
+        self.logger = logger
+        self.connect_timeout = connect_timeout
+        self._life = life
+        self._pump = pump
+        self._stats = stats
+        self._fast = fast
+        self._connect = connect
+        self._attached = attached
+        self._adopt_loop = adopt_loop
+        self._on_loop = on_loop
+        self._lost_error = lost_error
+        self._offer = offer
+        self._prepare = prepare
+        self._max_payload = max_payload
+        #: The subscriptions of the core, the reply inbox's included.
+        self.receivers = Receivers(name, logger, fast)
+        self._replies: Replies | None = None
+        self._replies_task: asyncio.Task[None] | None = None
+        self._replies_ready: Replies | None = None
 
-    def _still_wanted(self, frame: bytes | Frame) -> bool:
+    @property
+    def late_replies(self) -> int:
+        """Replies that came after their requester had given up (dropped)."""
+        return self._replies.late if self._replies is not None else 0
+
+    def fail_requests(self, error: NatsClusterError, *, for_good: bool) -> None:
+        """End the requests waiting for a reply with *error*: those waiting now (their
+        connection is gone), or, *for_good*, also every later one (closing)."""
+        if self._replies is not None:
+            if for_good:
+                self._replies.fail_all(error)
+            else:
+                self._replies.fail_waiting(error)
+
+    def still_wanted(self, frame: bytes | Frame) -> bool:
         """Whether a frame lost with its connection is worth sending again: not a request
         whose reply came already, or whose caller gave up."""
         replies = self._replies
@@ -127,8 +177,9 @@ class Incoming:
         subj = subject_bytes(subject)  # validated (and cached)
         data = payload_bytes(payload)
         block = encode_headers(headers) if headers is not None else None
-        if len(data) + (len(block) if block is not None else 0) > self._max_payload:
-            build_frame(subject, data, headers, self._max_payload)  # raises the size error
+        limit = self._max_payload()
+        if len(data) + (len(block) if block is not None else 0) > limit:
+            build_frame(subject, data, headers, limit)  # raises the size error
         frame = build_request_frame(subj, reply, data, block)
         item: object = frame
         if not self._fast:  # the public API publishes (subject, payload, headers, size, reply)
@@ -172,7 +223,7 @@ class Incoming:
         replies = self._replies_ready
         if replies is None:  # the first request: bad input raises before connecting
             self._life.check_open()
-            self.prepare(subject, payload, headers)
+            self._prepare(subject, payload, headers)
             got = yield REPLIES, wait, None
             assert isinstance(got, Replies)
             replies = got
@@ -281,8 +332,7 @@ class Incoming:
             the connection.
         :raises ClusterUnavailableError: when no client is open (the reply is not sent).
         """
-        on_loop = self._loop is not None and asyncio._get_running_loop() is self._loop
-        if not self.offer(wire_subject(reply), data, headers, 0.0 if on_loop else self.connect_timeout):
+        if not self._offer(wire_subject(reply), data, headers, 0.0 if self._on_loop() else self.connect_timeout):
             raise self._lost_error("respond")
 
     async def add_receiver(self, receiver: Receiver, timeout: float) -> None:
@@ -297,7 +347,7 @@ class Incoming:
         deadline = loop.time() + timeout
         if not self._life.accepting:
             await self._connect(min(self.connect_timeout, timeout))
-        self._receivers.register(receiver)
+        self.receivers.register(receiver)
         try:
             self._life.check_open()
             nc = self._attached()
@@ -309,7 +359,7 @@ class Incoming:
             # Receivers.refused: a concurrent subscription's refusal is not this one's);
             # limits only in last_error, naming nothing (nats-py then closes its client,
             # so no subscription in flight on it is made).
-            self._receivers.confirming(receiver)
+            self.receivers.confirming(receiver)
             try:
                 try:
                     await receiver.attach(nc, self._fast)
@@ -317,7 +367,7 @@ class Incoming:
                     raise self._subscribe_error(receiver, exc) from exc
                 answered = await self._pump.ping(nc, deadline - loop.time())
             finally:
-                refusal = self._receivers.confirmed(receiver)
+                refusal = self.receivers.confirmed(receiver)
             # A limit refusal names nothing: it counts when it came during this wait, or
             # before it on this client, which nats-py then closed before confirming.
             limit = nc.last_error
@@ -336,7 +386,7 @@ class Incoming:
                     cluster=self.name,
                 )
         except BaseException:
-            await self._receivers.remove(receiver, drain=False)
+            await self.receivers.remove(receiver, drain=False)
             raise
 
     def _subscribe_error(self, receiver: Receiver, exc: BaseException) -> ClusterUnavailableError:
@@ -360,9 +410,9 @@ class Incoming:
         :raises ClusterUnavailableError: when *drain* was asked and the connection was
             lost and not back within *timeout* s (the receiver is removed all the same).
         """
-        return await self._receivers.remove(receiver, drain, timeout)
+        return await self.receivers.remove(receiver, drain, timeout)
 
     def sinks(self, internal: bool = True) -> list[Sink]:
         """Where the subscriptions of this cluster deliver (any thread); without
         *internal*, the users' subscriptions only (not the reply inbox)."""
-        return self._receivers.sinks(internal)
+        return self.receivers.sinks(internal)

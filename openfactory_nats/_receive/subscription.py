@@ -50,9 +50,15 @@ class Owner(Protocol):
     async def remove_receiver(self, receiver: Receiver, drain: bool, timeout: float = 5.0) -> bool: ...
 
 
-class Core(Owner, Protocol):
+class Core(Protocol):
     """The asyncio core (:class:`~openfactory_nats.NatsCluster`), as a blocking
     subscription sees it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def logger(self) -> logging.Logger: ...
 
     def check_open(self) -> None: ...
 

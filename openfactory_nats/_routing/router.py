@@ -350,7 +350,7 @@ class SyncClusterRouter:
             cores = {name: cluster.cluster for name, cluster in self._clusters.items()}
             for core in cores.values():
                 core.begin_close()  # refuse new messages everywhere at once
-            sinks = {id(sink): sink for core in cores.values() for sink in core.sinks()}
+            sinks = {id(sink): sink for core in cores.values() for sink in core.incoming.sinks()}
             if runner.thread.is_alive():
                 # Drain all clusters at once: a stalled one must not eat the others' time.
                 future = runner.submit(_each({n: core.close(wait) for n, core in cores.items()}))
