@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from ._errors import ClusterClosedError, NatsClusterError, NoRespondersError, ServiceError
+from ._forksafe import renew_after_fork
 from ._message import Msg
 
 __all__ = ("SERVICE_ERROR", "SERVICE_ERROR_CODE", "Replies", "Waiter", "build_request_frame", "check_reply")
@@ -110,6 +111,10 @@ class Replies:
         self.late = 0
         self.dropped = 0  # the sink protocol: nothing is ever dropped for lack of room
         self.errors = 0
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._relay_lock = threading.Lock()  # a parent thread may have held it at the fork
 
     @property
     def subject(self) -> str:

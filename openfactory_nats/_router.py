@@ -17,6 +17,7 @@ from ._cluster import NatsCluster
 from ._delivery import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from ._dispatcher import Dispatcher
 from ._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
+from ._forksafe import renew_after_fork
 from ._jetstream import PubAck
 from ._loop import SharedLoop
 from ._message import Msg
@@ -193,6 +194,10 @@ class SyncClusterRouter:
         self._finalizer = weakref.finalize(
             self, _shutdown_router, finalizers, self._loop, os.getpid(), self._dispatchers
         )
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._close_lock = threading.Lock()  # a parent thread may have been closing at the fork
 
     @classmethod
     def from_env(

@@ -272,7 +272,6 @@ class SyncNatsCluster:
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         if self._forked:
             self._renew_after_fork()
-        _instances.discard(self)
         owns = self._shared_loop is None
         _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers, self._workers)
 
@@ -474,8 +473,13 @@ class SyncNatsCluster:
         return ClusterUnavailableError(f"cluster {self.name!r}: its event loop stopped", cluster=self.name)
 
     def _after_fork_in_child(self) -> None:
-        self._forked = True
+        # Every lock a parent thread may have held at the fork is renewed: the child's
+        # close() and exit go through them. An instance closed in the parent stays closed
+        # here; one still open, or closing, is made again on first use.
         self._fork_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        if self._core.state is not ClusterState.CLOSED:
+            self._forked = True
 
     def _renew_after_fork(self) -> None:
         with self._fork_lock:
