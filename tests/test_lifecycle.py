@@ -225,6 +225,78 @@ def test_a_collected_instance_logs_what_it_could_not_deliver(server: NatsServer,
         server.resume()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["cluster", "router"])
+def test_an_instance_collected_on_another_clusters_loop_never_blocks_it(
+    kind: str, server: NatsServer, logger: logging.Logger
+) -> None:
+    """Dropped without close() and collected on another cluster's event-loop thread, with a
+    callback still busy: the finalizer must not wait there for the drain. That loop keeps
+    its heartbeat; the dropped instance's threads end and its connection closes all the same."""
+    from openfactory_nats import SyncClusterRouter
+
+    entered, release = threading.Event(), threading.Event()
+    delivered: list[bytes] = []
+
+    def slow(msg: Any) -> None:  # holds up the dropped instance's drain until released
+        entered.set()
+        release.wait(10)
+        delivered.append(msg.data)
+
+    box: list[Any] = []
+    if kind == "cluster":
+        cluster = SyncNatsCluster("dropped", [server.url], logger)
+        box += [cluster, cluster.subscribe("slow", slow)]
+        for _ in range(3):
+            cluster.publish("slow", b"x")
+        cores = [cluster.cluster]
+        threads = [cluster._runner.thread, *box[1]._inbox._dispatcher._threads]
+        del cluster
+    else:
+        router = SyncClusterRouter({"dropped": [server.url]}, logger)
+        box += [router, router.subscribe_all("slow", slow)]
+        for _ in range(3):
+            router.publish("k", "slow", b"x")
+        cores = [c.cluster for c in router.clusters.values()]
+        threads = [router._loop.runner.thread, *box[1]._inbox._dispatcher._threads]
+        del router
+    assert entered.wait(10)
+    with SyncNatsCluster("other", [server.url], logger) as other:
+        other.connect()
+        beating, stop = threading.Event(), threading.Event()
+        worst = [0.0]
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while not stop.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                worst[0] = max(worst[0], now - last)
+                last = now
+                beating.set()
+
+        def drop() -> None:  # the last references go on the other loop's thread
+            box.clear()
+            gc.collect()
+
+        beat = asyncio.run_coroutine_threadsafe(heartbeat(), other.loop)
+        assert beating.wait(10)
+        other.loop.call_soon_threadsafe(drop)
+        wait_until(lambda: not box)
+        time.sleep(1.0)  # a finalizer waiting on that loop for the drain would hold it all along
+        release.set()
+        for thread in threads:
+            thread.join(15)
+        assert not [t.name for t in threads if t.is_alive()]
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name.endswith("-close")])
+        stop.set()
+        beat.result(5)
+        assert worst[0] < 0.5, f"the other cluster's loop was blocked for {worst[0]:.2f} s"
+        assert all(core.state is ClusterState.CLOSED for core in cores)
+        assert delivered == [b"x"] * 3  # the drain went on, in another thread
+        assert other.is_connected
+
+
 # -- close racing publishes ----------------------------------------------------------
 def test_close_with_a_tiny_timeout_after_a_burst(
     server: NatsServer, logger: logging.Logger, subscriber_factory: Any

@@ -6,12 +6,14 @@ belong to the parent (``_forked``) until the child first uses the instance.
 
 An instance that is garbage-collected, or still open at interpreter exit, closes
 itself through a ``weakref.finalize`` hook: it drains what it holds (bounded), counts and
-logs at ERROR what it could not deliver, and stops its loop thread.
+logs at ERROR what it could not deliver, and stops its loop thread; collected on an event
+loop's thread, it hands that work to a thread of its own rather than hold up the loop.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -34,7 +36,7 @@ from .._receive.serving import Handler, Workers, check_workers
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
 from .._wire import check_timeout
-from .loop import LoopThread, SharedLoop, keep_inherited
+from .loop import LoopThread, SharedLoop, keep_inherited, on_an_event_loop
 
 __all__ = ("SyncNatsCluster",)
 
@@ -102,6 +104,7 @@ class SyncNatsCluster:
             self._close_lock,
             self._dispatchers,
             self._workers,
+            collected=True,
         )
 
     def __repr__(self) -> str:
@@ -273,7 +276,6 @@ class SyncNatsCluster:
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         if self._forked:
             self._renew_after_fork()
-        _instances.discard(self)
         owns = self._shared_loop is None
         _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers, self._workers)
 
@@ -486,8 +488,13 @@ class SyncNatsCluster:
         return ClusterUnavailableError(f"cluster {self.name!r}: its event loop stopped", cluster=self.name)
 
     def _after_fork_in_child(self) -> None:
-        self._forked = True
+        # Every lock a parent thread may have held at the fork is renewed: the child's
+        # close() and exit go through them. An instance closed in the parent stays closed
+        # here; one still open, or closing, is made again on first use.
         self._fork_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        if self._core.state is not ClusterState.CLOSED:
+            self._forked = True
 
     def _renew_after_fork(self) -> None:
         with self._fork_lock:
@@ -525,29 +532,29 @@ def _shutdown(
     lock: threading.Lock,
     dispatchers: list[Dispatcher],
     workers: list[threading.Thread],
+    collected: bool = False,
 ) -> None:
     """Close *core* within *wait* s (plus a margin for the abort of a late drain), let
     the subscriptions deliver what they hold within the same time and join their
     threads, and stop the loop if the instance owns it. Called by ``close()``, and by the
-    finalizer when the instance is collected or the interpreter exits; never blocks the
-    loop."""
+    finalizer (*collected*) when the instance is collected or the interpreter exits.
+
+    A finalizer that runs on an event loop's thread (this instance's, another cluster's,
+    an application's) never waits there: it would hold up that loop for seconds."""
     if os.getpid() != pid:
         return  # inherited through fork: it belongs to the parent
     core.begin_close()  # refuse new messages from now on, in every thread
     sinks = core.incoming.sinks()  # no subscription is added once closing has begun
-    loop = runner.loop
-    if runner.in_loop_thread():  # collected on the loop thread itself: don't wait there
-        task = loop.create_task(core.close(wait))
-        for dispatcher in dispatchers:
-            dispatcher.close(timeout=0)  # its threads end on their own
-        if owns_loop:
-            task.add_done_callback(lambda _: loop.stop())
-        return
-    if delivering():
-        # A callback or handler closing its own cluster: it must not wait for itself (or
-        # for a close() in another thread that waits for it). Another thread finishes.
+    if delivering() or (collected and on_an_event_loop()):
+        # Waiting here would hold up an event loop or, in a callback or handler closing
+        # its own cluster, wait for itself (or for a close() in another thread that waits
+        # for it). Another thread does the closing; not a daemon, so that an exit waits
+        # for it (it is bounded) instead of cutting the drain short.
         args = (core, runner, owns_loop, wait, pid, lock, dispatchers, workers)
-        threading.Thread(target=_shutdown, args=args, name=f"openfactory-nats-{core.name}-close", daemon=True).start()
+        try:
+            threading.Thread(target=_shutdown, args=args, name=f"openfactory-nats-{core.name}-close").start()
+        except RuntimeError:  # no new thread at interpreter shutdown
+            _close_without_waiting(core, runner, owns_loop, wait, dispatchers)
         return
     started = time.monotonic()
     deadline = started + wait + _CLOSE_MARGIN
@@ -569,6 +576,28 @@ def _shutdown(
                 worker.join(max(0.0, ends - time.monotonic()))
     finally:
         lock.release()
+
+
+def _close_without_waiting(
+    core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, dispatchers: list[Dispatcher]
+) -> None:
+    """Start closing *core* on its loop, and stop the loop after it if the instance owns
+    it; wait for nothing (the subscriptions' threads end on their own)."""
+    for dispatcher in dispatchers:
+        dispatcher.close(timeout=0)
+    coro = core.close(wait)
+    try:
+        future = runner.submit(coro)
+    except RuntimeError:  # the loop is closed already
+        coro.close()
+        return
+    if owns_loop:
+        future.add_done_callback(lambda _: _stop_soon(runner))
+
+
+def _stop_soon(runner: LoopThread) -> None:
+    with contextlib.suppress(RuntimeError):  # closed already
+        runner.loop.call_soon_threadsafe(runner.loop.stop)
 
 
 def _close_and_stop(core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, deadline: float) -> None:

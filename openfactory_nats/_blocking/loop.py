@@ -11,7 +11,7 @@ import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ("INHERITED", "LoopThread", "SharedLoop", "keep_inherited")
+__all__ = ("INHERITED", "LoopThread", "SharedLoop", "keep_inherited", "on_an_event_loop")
 
 T = TypeVar("T")
 # What a forked child inherited from its parent: kept alive and untouched, because
@@ -30,6 +30,20 @@ def keep_inherited(runner: LoopThread, *others: object) -> None:
 
 _STARTUP_TIMEOUT = 10.0
 _SHUTDOWN_GRACE = 1.0
+_local = threading.local()
+
+
+def on_an_event_loop() -> bool:
+    """True on a thread that runs an event loop now (the library's or an application's),
+    or on a library loop thread at all: waiting there would hold up every task of that
+    loop, so a finalizer run there must hand its waiting to another thread."""
+    if getattr(_local, "loop_thread", False):
+        return True
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class LoopThread:
@@ -49,6 +63,7 @@ class LoopThread:
             raise RuntimeError(f"event-loop thread {name!r} did not start within {_STARTUP_TIMEOUT:g} s") from None
 
     def _run(self, started: concurrent.futures.Future[asyncio.AbstractEventLoop]) -> None:
+        _local.loop_thread = True
         try:
             loop = asyncio.new_event_loop()
             asyncio.set_event_loop(loop)

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Protocol
 
 from .._errors import ClusterClosedError, InvalidMessageError, InvalidTypeError
+from .._forksafe import renew_after_fork
 from .._wire import check_timeout
 
 __all__ = ("DEFAULT_BATCH", "Dispatcher", "Inbox", "delivering", "mark_delivering")
@@ -109,6 +110,12 @@ class Dispatcher:
         for thread in self._threads:
             thread.start()
         self._idents = frozenset(t.ident for t in self._threads)
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        # A forked child closes or exits through this lock; a parent thread (the loop
+        # queueing an inbox, a worker) may have held it at the fork.
+        self._lock = threading.Lock()
 
     @property
     def threads(self) -> int:

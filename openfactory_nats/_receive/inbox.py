@@ -47,6 +47,7 @@ from .._errors import (
     SubscriptionClosedError,
     SubscriptionModeError,
 )
+from .._forksafe import renew_after_fork
 from .._message import Msg
 from .._wire import check_timeout
 from .dispatcher import Dispatcher
@@ -160,6 +161,18 @@ class Inbox:
         self._dispatcher = dispatcher
         if dispatcher is not None:
             dispatcher._attach(self)
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        # The loop thread (offering) or a reader may have held the lock at the fork: a
+        # child closing its inherited subscriptions would wait for it forever. The token
+        # is only ever tried, never waited for.
+        self._lock = threading.Lock()
+        self._readable = threading.Condition(self._lock)
+        done = threading.Event()
+        if self._done.is_set():
+            done.set()
+        self._done = done
 
     # -- counters ----------------------------------------------------------------------
     @property

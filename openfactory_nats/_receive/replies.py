@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from .._errors import ClusterClosedError, NatsClusterError, NoRespondersError, ServiceError
+from .._forksafe import renew_after_fork
 from .._message import Msg
 
 __all__ = ("SERVICE_ERROR", "SERVICE_ERROR_CODE", "Replies", "Waiter", "build_request_frame", "check_reply")
@@ -112,6 +113,10 @@ class Replies:
         self.errors = 0
         self.discarded = 0
         self.settled = True
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._relay_lock = threading.Lock()  # a parent thread may have held it at the fork
 
     @property
     def subject(self) -> str:

@@ -14,9 +14,10 @@ from types import TracebackType
 from typing import Any
 
 from .._blocking.facade import SyncNatsCluster
-from .._blocking.loop import SharedLoop
+from .._blocking.loop import SharedLoop, on_an_event_loop
 from .._core.cluster import NatsCluster
 from .._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
+from .._forksafe import renew_after_fork
 from .._message import Msg
 from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
@@ -193,6 +194,10 @@ class SyncClusterRouter:
         self._finalizer = weakref.finalize(
             self, _shutdown_router, finalizers, self._loop, os.getpid(), self._dispatchers
         )
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        self._close_lock = threading.Lock()  # a parent thread may have been closing at the fork
 
     @classmethod
     def from_env(
@@ -381,12 +386,27 @@ def _shutdown_router(
     finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, pid: int, dispatchers: list[Dispatcher]
 ) -> None:
     """A router collected, or open at exit, without close(): close its clusters, stop
-    the loop thread they share and the router's dispatchers."""
+    the loop thread they share and the router's dispatchers. Collected on an event
+    loop's thread (the router's, another cluster's, an application's), it waits for
+    nothing there: another thread does the closing."""
     if os.getpid() != pid:
         return
+    if on_an_event_loop():
+        args = (finalizers, loop, dispatchers)
+        try:
+            threading.Thread(target=_close_router, args=args, name="openfactory-nats-router-close").start()
+            return
+        except RuntimeError:  # no new thread at interpreter shutdown: close without waiting
+            pass
+    _close_router(finalizers, loop, dispatchers)
+
+
+def _close_router(
+    finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, dispatchers: list[Dispatcher]
+) -> None:
     for finalizer in finalizers:
         finalizer()
-    on_loop = not loop.forked and loop.runner.in_loop_thread()
+    on_loop = on_an_event_loop()
     for dispatcher in dispatchers:
         dispatcher.close(timeout=0 if on_loop or dispatcher.is_worker() else 2.0)
     if not loop.forked and not on_loop:
