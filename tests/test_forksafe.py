@@ -145,14 +145,14 @@ def test_a_child_forked_while_the_loop_thread_holds_every_lock_closes_and_exits(
     replies = core.incoming.replies()
     assert replies is not None
     locks: list[Any] = [busy.dispatcher._lock, busy.router_dispatcher._lock, replies._relay_lock]
-    locks.append(core.incoming.receivers._lock)  # counts() and the receivers' membership
+    locks += [core.incoming.receivers._lock, core.incoming.receivers.tally._lock]  # membership, counts
     for inbox in busy.inboxes():
         locks += [inbox._lock, inbox._done._cond]
         if inbox._dispatcher is not None:
             locks.append(inbox._dispatcher._lock)
-    locks += [busy.cluster._close_lock, busy.router._close_lock]
+    locks += [busy.cluster._holdings.lock, busy.router._close_lock]
     for cluster in busy.router.clusters.values():
-        locks.append(cluster._close_lock)
+        locks.append(cluster._holdings.lock)
     locks = list({id(lock): lock for lock in locks}.values())
 
     def hold(held: threading.Event, release: threading.Event) -> None:

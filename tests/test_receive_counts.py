@@ -5,9 +5,11 @@ churn, a drain during a reconnection, and messages discarded when a close runs o
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -251,3 +253,31 @@ def test_async_subscription_counts_what_unsubscribe_discards(server: NatsServer,
             await cluster.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_drained_pull_subscription_dropped_by_its_user_is_not_kept_forever(
+    server: NatsServer, logger: logging.Logger
+) -> None:
+    """Nothing of a subscription is kept once its user drops it, even when it was drained
+    with messages still unread (found in review: the counts were once read from retired
+    receivers until their inbox settled, which a pull inbox left unread never does), and
+    its counts stay in stats()."""
+    with SyncNatsCluster("R1", [server.url], logger, timeout=10.0) as nats:
+        refs = []
+        for i in range(5):
+            sub = nats.subscribe(f"leak.{i}")
+            for _ in range(3):
+                nats.publish(f"leak.{i}", b"x" * 1000)
+            nats.flush()
+            assert wait_until(lambda s=sub: s.pending == 3)  # type: ignore[misc]
+            sub.drain(timeout=5)  # pull mode: what is pending stays readable; nobody reads it
+            refs.append(weakref.ref(sub._inbox))
+            del sub
+        gc.collect()
+        stats = nats.stats()
+        assert stats["received"] == 15
+        assert stats["subscriptions"] == 0
+        assert stats["discarded"] == 0  # still readable until the subscription is collected
+        alive = [ref for ref in refs if ref() is not None]
+        assert not alive, f"{len(alive)} inboxes (and their messages) kept after their subscriptions were dropped"

@@ -12,6 +12,7 @@ import pytest
 
 from openfactory_nats import (
     ClusterTimeoutError,
+    InvalidTypeError,
     Msg,
     NatsCluster,
     NatsClusterError,
@@ -198,3 +199,21 @@ def test_a_request_given_up_by_either_api_leaves_no_waiter_behind(server: NatsSe
         assert not replies._waiting
         cluster.serve("rl.echo", lambda msg: msg.data)
         assert cluster.request("rl.echo", b"z", timeout=5).data == b"z"
+
+
+@pytest.mark.timeout(10)
+def test_bad_input_raises_before_connecting_also_after_the_first_request(logger: logging.Logger) -> None:
+    """The reply inbox is made once; a later request that finds no client open still
+    refuses bad input at once, before it asks to connect (found in review: it was
+    validated only when the reply inbox was made). The request's life is driven by
+    hand: its first step, with no client, would be CONNECT."""
+    from openfactory_nats._receive.replies import Replies
+
+    core = NatsCluster("BI", ["nats://127.0.0.1:1"], logger)
+    core.incoming._replies_ready = Replies("BI")  # as after an earlier request
+    life = core.incoming.request_life("bi.echo", "not bytes", None, 5.0, time.monotonic)
+    with pytest.raises(InvalidTypeError):
+        next(life)
+    good = core.incoming.request_life("bi.echo", b"ok", None, 5.0, time.monotonic)
+    assert next(good)[0] == "connect"  # what a valid request asks for with no client
+    good.close()

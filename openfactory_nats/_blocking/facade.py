@@ -13,7 +13,6 @@ loop's thread, it hands that work to a thread of its own rather than hold up the
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import os
@@ -29,20 +28,20 @@ from .._core.incoming import CONNECT
 from .._core.lifecycle import ClusterState
 from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
 from .._message import Msg
-from .._receive.dispatcher import Dispatcher, delivering
+from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from .._receive.receivers import Receiver
 from .._receive.serving import Handler, Workers, check_workers
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
 from .._wire import check_timeout
-from .loop import LoopThread, SharedLoop, keep_inherited, on_an_event_loop
+from .closing import Holdings, shut_down
+from .loop import LoopThread, SharedLoop, keep_inherited
 
 __all__ = ("SyncNatsCluster",)
 
 T = TypeVar("T")
 _AT_EXIT_TIMEOUT = 5.0
-_CLOSE_MARGIN = 2.0  # beyond the caller's timeout: the core's abort after a late drain
 _instances: weakref.WeakSet[SyncNatsCluster] = weakref.WeakSet()
 
 
@@ -90,20 +89,16 @@ class SyncNatsCluster:
             else LoopThread(f"openfactory-nats-{self._args[0]}")
         )
         self._loop_ident = self._runner.thread.ident
-        owns = self._shared_loop is None
-        wait = min(self._timeout, _AT_EXIT_TIMEOUT)
-        self._close_lock = threading.Lock()  # concurrent closes wait for the first one
+        # The lists are the instance's own (kept across a fork's renewal); the rest is
+        # this core's.
+        self._holdings = Holdings(self._core, self._dispatchers, self._workers)
         self._finalizer = weakref.finalize(
             self,
-            _shutdown,
-            self._core,
+            shut_down,
+            [self._holdings],
             self._runner,
-            owns,
-            wait,
-            os.getpid(),
-            self._close_lock,
-            self._dispatchers,
-            self._workers,
+            min(self._timeout, _AT_EXIT_TIMEOUT),
+            owns_loop=self._shared_loop is None,
             collected=True,
         )
 
@@ -276,8 +271,7 @@ class SyncNatsCluster:
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         if self._forked:
             self._renew_after_fork()
-        owns = self._shared_loop is None
-        _shutdown(self._core, self._runner, owns, wait, os.getpid(), self._close_lock, self._dispatchers, self._workers)
+        shut_down([self._holdings], self._runner, wait, owns_loop=self._shared_loop is None)
 
     # -- receiving -------------------------------------------------------------------
     def subscribe(
@@ -492,7 +486,7 @@ class SyncNatsCluster:
         # close() and exit go through them. An instance closed in the parent stays closed
         # here; one still open, or closing, is made again on first use.
         self._fork_lock = threading.Lock()
-        self._close_lock = threading.Lock()
+        self._holdings.lock = threading.Lock()
         if self._core.state is not ClusterState.CLOSED:
             self._forked = True
 
@@ -521,102 +515,6 @@ class SyncNatsCluster:
 def _refuse_loop_thread(runner: LoopThread, name: str) -> None:
     if runner.in_loop_thread():
         raise WrongThreadError("This method cannot be called from the event loop thread", cluster=name)
-
-
-def _shutdown(
-    core: NatsCluster,
-    runner: LoopThread,
-    owns_loop: bool,
-    wait: float,
-    pid: int,
-    lock: threading.Lock,
-    dispatchers: list[Dispatcher],
-    workers: list[threading.Thread],
-    collected: bool = False,
-) -> None:
-    """Close *core* within *wait* s (plus a margin for the abort of a late drain), let
-    the subscriptions deliver what they hold within the same time and join their
-    threads, and stop the loop if the instance owns it. Called by ``close()``, and by the
-    finalizer (*collected*) when the instance is collected or the interpreter exits.
-
-    A finalizer that runs on an event loop's thread (this instance's, another cluster's,
-    an application's) never waits there: it would hold up that loop for seconds."""
-    if os.getpid() != pid:
-        return  # inherited through fork: it belongs to the parent
-    core.begin_close()  # refuse new messages from now on, in every thread
-    sinks = core.incoming.sinks()  # no subscription is added once closing has begun
-    if delivering() or (collected and on_an_event_loop()):
-        # Waiting here would hold up an event loop or, in a callback or handler closing
-        # its own cluster, wait for itself (or for a close() in another thread that waits
-        # for it). Another thread does the closing; not a daemon, so that an exit waits
-        # for it (it is bounded) instead of cutting the drain short.
-        args = (core, runner, owns_loop, wait, pid, lock, dispatchers, workers)
-        try:
-            threading.Thread(target=_shutdown, args=args, name=f"openfactory-nats-{core.name}-close").start()
-        except RuntimeError:  # no new thread at interpreter shutdown
-            _close_without_waiting(core, runner, owns_loop, wait, dispatchers)
-        return
-    started = time.monotonic()
-    deadline = started + wait + _CLOSE_MARGIN
-    drained_by = started + min(wait, core.drain_timeout)  # subscriptions drain within drain_timeout
-    if not lock.acquire(timeout=wait + 2 * _CLOSE_MARGIN):
-        core.logger.warning("cluster %s: another close() did not finish within %g s", core.name, wait)
-        return
-    try:
-        _close_and_stop(core, runner, owns_loop, wait, deadline)
-        # User code (callbacks, handlers) gets the caller's timeout, not the margin that
-        # is there for aborting a late drain.
-        ends = started + wait
-        for sink in sinks:
-            sink.close(drain=True, timeout=max(0.0, drained_by - time.monotonic()))
-        for dispatcher in dispatchers:
-            dispatcher.close(max(0.0, ends - time.monotonic()))
-        for worker in workers:
-            if worker is not threading.current_thread():
-                worker.join(max(0.0, ends - time.monotonic()))
-    finally:
-        lock.release()
-
-
-def _close_without_waiting(
-    core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, dispatchers: list[Dispatcher]
-) -> None:
-    """Start closing *core* on its loop, and stop the loop after it if the instance owns
-    it; wait for nothing (the subscriptions' threads end on their own)."""
-    for dispatcher in dispatchers:
-        dispatcher.close(timeout=0)
-    coro = core.close(wait)
-    try:
-        future = runner.submit(coro)
-    except RuntimeError:  # the loop is closed already
-        coro.close()
-        return
-    if owns_loop:
-        future.add_done_callback(lambda _: _stop_soon(runner))
-
-
-def _stop_soon(runner: LoopThread) -> None:
-    with contextlib.suppress(RuntimeError):  # closed already
-        runner.loop.call_soon_threadsafe(runner.loop.stop)
-
-
-def _close_and_stop(core: NatsCluster, runner: LoopThread, owns_loop: bool, wait: float, deadline: float) -> None:
-    if runner.thread.is_alive():
-        coro = core.close(wait)
-        try:
-            future = runner.submit(coro)
-        except RuntimeError:
-            coro.close()
-        else:
-            try:
-                future.result(max(0.0, deadline - time.monotonic()))
-            except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
-                future.cancel()
-                core.logger.warning("cluster %s: close did not finish within %g s", core.name, wait)
-            except Exception:
-                core.logger.exception("cluster %s: close failed", core.name)
-    if owns_loop:
-        runner.stop(max(1.0, deadline - time.monotonic()))
 
 
 def _after_fork_in_child() -> None:

@@ -233,6 +233,7 @@ class Incoming:
             while not self.offer_request(
                 subject, waiter.reply, payload, headers, max(0.0, deadline - clock()) if room else 0.0
             ):
+                self._prepare(subject, payload, headers)  # no client: bad input raises before connecting
                 yield CONNECT, max(0.0, deadline - clock()), None
             yield REPLY, deadline - clock(), waiter
         finally:

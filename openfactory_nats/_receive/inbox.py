@@ -49,6 +49,7 @@ from .._errors import (
 )
 from .._forksafe import renew_after_fork
 from .._message import Msg
+from .._stats import Tally
 from .._wire import check_timeout
 from .dispatcher import Dispatcher
 
@@ -152,6 +153,7 @@ class Inbox:
         self._reported = 0  # under the lock
         self._refused = 0  # offer, under the lock
         self._discarded = 0  # under the lock
+        self._tallies: tuple[Tally, ...] = ()  # where the counts above are added too: the clusters'
         self._cut = False  # a drain ran out of time (under the lock)
         self._discards_reported = False  # under the lock
         self._next_report = 0.0  # offer
@@ -205,11 +207,15 @@ class Inbox:
         """Callback calls that raised."""
         return self._errors
 
-    @property
-    def settled(self) -> bool:
-        """True once nothing is or will be delivered: the counters change no more (but
-        :attr:`discarded`, for messages offered after the close)."""
-        return self._done.is_set()
+    def count_into(self, tally: Tally) -> None:
+        """Add what this inbox drops, discards or sees raised from now on to *tally*
+        (its cluster's): the totals of ``stats()`` outlive the subscription."""
+        with self._lock:
+            self._tallies = (*self._tallies, tally)
+
+    def _tell(self, *, dropped: int = 0, errors: int = 0, discarded: int = 0) -> None:
+        for tally in self._tallies:
+            tally.add(dropped=dropped, errors=errors, discarded=discarded)
 
     @property
     def closed(self) -> bool:
@@ -232,6 +238,7 @@ class Inbox:
         with self._lock:
             if self._state is not _OPEN:
                 self._refused += len(batch)
+                self._tell(discarded=len(batch))
                 return
             size = sum(map(_size_of, batch))
             if len(items) + len(batch) <= self.max_msgs and self._in_bytes - self._out_bytes + size <= self.max_bytes:
@@ -241,6 +248,7 @@ class Inbox:
             else:
                 dropped = self._offer_some(batch)
                 self._dropped += dropped
+                self._tell(dropped=dropped)
             if self._callback is None and items and self._idle:
                 self._wake_readers(len(batch))
         if dropped:
@@ -407,6 +415,7 @@ class Inbox:
                 callback(msg)
             except BaseException:  # SystemExit too: it would end a shared worker silently
                 self._errors += 1
+                self._tell(errors=1)
                 self._logger.exception(
                     "cluster %r: the callback of subscription %r raised on a message to %r; delivery goes on",
                     self.cluster,
@@ -443,9 +452,12 @@ class Inbox:
         """Drop every pending message as discarded; the caller holds the lock (and the
         token, in the callback modes)."""
         items = self._items
+        count = len(items)
         while items:
             self._out_bytes += items.popleft()._size
-            self._discarded += 1
+        self._discarded += count
+        if count:
+            self._tell(discarded=count)
 
     def _report_discards(self) -> None:
         """Log, once, the messages that were pending when the subscription ended."""

@@ -33,6 +33,7 @@ from .._forksafe import renew_after_fork
 from .._message import Msg, Responder
 from .._natsio import internals
 from .._natsio.client import refuses_subscription
+from .._stats import Tally
 
 __all__ = ("MALFORMED_REPORT_INTERVAL", "Receiver", "Receivers", "Sink")
 
@@ -45,19 +46,8 @@ _RECONNECT_POLL = 0.02
 class Sink(Protocol):
     """Where a receiver hands its batches (never blocks)."""
 
-    @property
-    def dropped(self) -> int: ...
-
-    @property
-    def errors(self) -> int: ...
-
-    @property
-    def discarded(self) -> int: ...
-
-    @property
-    def settled(self) -> bool:
-        """True once the counts above change no more (nothing is or will be delivered)."""
-        ...
+    def count_into(self, tally: Tally) -> None:
+        """Add what is dropped, discarded or raised from now on to *tally* too."""
 
     def offer(self, batch: list[Msg]) -> None: ...
 
@@ -92,7 +82,8 @@ class Receiver:
         self.sink = sink
         self.responder = responder
         self._direct = direct
-        self.received = 0
+        #: Where its messages are counted (its cluster's), once registered.
+        self.tally: Tally | None = None
         #: The server's refusal of this subscription, while it is being confirmed.
         self.refusal: BaseException | None = None
         self._sub: Any = None
@@ -142,7 +133,9 @@ class Receiver:
         batch, self._batch = self._batch, []
         if not batch:
             return
-        self.received += len(batch)
+        tally = self.tally
+        if tally is not None:
+            tally.add(received=len(batch))
         self.sink.offer(batch)
 
     # -- the nats-py subscription ------------------------------------------------------
@@ -196,13 +189,10 @@ class Receiver:
 class Receivers:
     """The receivers of one cluster, re-subscribed on every new client.
 
-    The counts of :meth:`counts` are kept exact and monotonic although a subscription's
-    counts live on its receiver and its sink while it exists: a receiver removed (or
-    ended by close) stays *retired*, its counts still read live, until its sink is
-    settled (a drain may still deliver, and its callback raise); only then are they
-    folded into the totals of the subscriptions gone. Removing, retiring and folding
-    happen under one short lock that :meth:`counts` reads under too, so a receiver is
-    never counted twice, nor missed, by one reading.
+    The counts of :meth:`counts` live in one place, the cluster's :class:`Tally`: each
+    receiver adds what it receives, each sink what it drops, discards or sees raised, as
+    it happens. So they are exact and never decrease, and nothing is kept of a
+    subscription once it is gone.
     """
 
     def __init__(self, cluster: str, logger: logging.Logger, fast: bool) -> None:
@@ -210,11 +200,8 @@ class Receivers:
         self.logger = logger
         self.fast = fast
         self._all: set[Receiver] = set()
-        self._lock = threading.Lock()  # short: membership, retiring and folding; counts() reads under it
-        #: The users' receivers removed whose sinks may still count (see counts()).
-        self._retired: list[Receiver] = []
-        #: Counts of the users' subscriptions gone and settled: received, dropped, errors, discarded.
-        self._gone = [0, 0, 0, 0]
+        self._lock = threading.Lock()  # short: membership
+        self.tally = Tally()
         #: Receivers whose SUB is out and not yet confirmed (see :meth:`refused`).
         self._confirming: set[Receiver] = set()
         #: Messages dropped because they could not be read (see ``on_malformed``).
@@ -236,6 +223,9 @@ class Receivers:
 
     def register(self, receiver: Receiver) -> None:
         """Count *receiver* in: it is subscribed on every client from now on."""
+        if not receiver.internal and receiver.tally is None:
+            receiver.tally = self.tally
+            receiver.sink.count_into(self.tally)
         with self._lock:
             self._all.add(receiver)
 
@@ -339,40 +329,12 @@ class Receivers:
             end(receiver)
 
     def _retire(self, receiver: Receiver) -> None:
-        """(The loop) *receiver* leaves: its counts are read on until its sink settles."""
+        """(The loop) *receiver* leaves (its counts stay in the tally)."""
         with self._lock:
-            if receiver not in self._all:
-                return  # retired already (a close ended it while it was being removed)
             self._all.discard(receiver)
-            if not receiver.internal:
-                self._retired.append(receiver)
 
     def counts(self) -> tuple[int, int, int, int]:
         """Messages received, dropped by slow consumers, callback errors and messages
         discarded by closed subscriptions, since construction (any thread). Each never
         decreases from one call to the next."""
-        with self._lock:
-            gone = self._gone
-            retired = self._retired
-            if retired:
-                keep = []
-                for receiver in retired:
-                    sink = receiver.sink
-                    if sink.settled:  # looked at first: the counts read after it are final
-                        gone[0] += receiver.received
-                        gone[1] += sink.dropped
-                        gone[2] += sink.errors
-                        gone[3] += sink.discarded
-                    else:
-                        keep.append(receiver)
-                retired[:] = keep
-            received, dropped, errors, discarded = gone
-            for receiver in [*self._all, *retired]:
-                if receiver.internal:
-                    continue
-                sink = receiver.sink
-                received += receiver.received
-                dropped += sink.dropped
-                errors += sink.errors
-                discarded += sink.discarded
-        return received, dropped, errors, discarded
+        return self.tally.values()

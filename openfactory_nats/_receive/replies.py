@@ -109,11 +109,11 @@ class Replies:
         self.on_relay_end: Callable[[], object] = lambda: None
         #: Replies that came for no caller (it had given up): dropped.
         self.late = 0
-        self.dropped = 0  # the sink protocol: nothing is ever dropped for lack of room
-        self.errors = 0
-        self.discarded = 0
-        self.settled = True
         renew_after_fork(self)
+
+    def count_into(self, tally: object) -> None:
+        """(The sink protocol) Nothing of a subscription's kind is lost here: a reply
+        nobody waits for any more is counted in :attr:`late`."""
 
     def _renew_after_fork(self) -> None:
         self._relay_lock = threading.Lock()  # a parent thread may have held it at the fork
@@ -190,12 +190,15 @@ class Replies:
         waiter._done()
 
     def deliver(self, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
-        """(The loop) A reply, as nats-py reads it: hand it to its caller."""
+        """(The loop) A reply, as nats-py reads it: hand it to its caller. One that
+        cannot be read raises before its caller is taken off the waiting list (it is
+        counted as malformed; the caller's wait ends with its timeout)."""
+        msg = Msg(subject.decode(), data, headers, reply.decode() if reply else None)
         waiter = self._waiting.pop(subject[self._start :], None)
         if waiter is None:
             self.late += 1
             return
-        self._answer(waiter, Msg(subject.decode(), data, headers, reply.decode() if reply else None))
+        self._answer(waiter, msg)
 
     def offer(self, batch: list[Msg]) -> None:
         """(The loop) Hand each reply to its caller (the sink protocol)."""

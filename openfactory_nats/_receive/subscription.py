@@ -29,6 +29,7 @@ from .._errors import (
 )
 from .._filters import check_sub_line, validate_filter, validate_queue
 from .._message import Msg
+from .._stats import Tally
 from .._wire import check_timeout
 from .dispatcher import Dispatcher
 from .inbox import DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
@@ -345,21 +346,27 @@ class AsyncSubscription:
         self.errors = 0
         #: Messages thrown away because the subscription ended first (logged once).
         self.discarded = 0
+        self._tallies: tuple[Tally, ...] = ()
 
     @property
     def pending(self) -> int:
         """Messages waiting."""
         return len(self._items)
 
-    @property
-    def settled(self) -> bool:
-        """True once closed with nothing left to deliver (the sink protocol)."""
-        return self._closed and not self._items and (self._task is None or self._task.done())
+    def count_into(self, tally: Tally) -> None:
+        """(The sink protocol) Add what is dropped, discarded or raised from now on to
+        *tally* (the cluster's)."""
+        self._tallies = (*self._tallies, tally)
+
+    def _tell(self, *, dropped: int = 0, errors: int = 0, discarded: int = 0) -> None:
+        for tally in self._tallies:
+            tally.add(dropped=dropped, errors=errors, discarded=discarded)
 
     def offer(self, batch: list[Msg]) -> None:
         """(The receiver, on the loop.) Queue what fits; never waits."""
         if self._closed:
             self.discarded += len(batch)
+            self._tell(discarded=len(batch))
             return
         dropped = 0
         for msg in batch:
@@ -370,6 +377,7 @@ class AsyncSubscription:
                 dropped += 1
         if dropped:
             self.dropped += dropped
+            self._tell(dropped=dropped)
             now = time.monotonic()
             if now >= self._next_report:
                 self._next_report = now + DROP_REPORT_INTERVAL
@@ -399,6 +407,7 @@ class AsyncSubscription:
                 await callback(msg)
             except Exception:
                 self.errors += 1
+                self._tell(errors=1)
                 self._logger.exception(
                     "cluster %r: the callback of subscription %r raised; delivery goes on", self.cluster, self.subject
                 )
@@ -469,6 +478,7 @@ class AsyncSubscription:
             self._items.clear()
             self._bytes = 0
             self.discarded += count
+            self._tell(discarded=count)
             self._logger.info(
                 "cluster %r: subscription %r: %d received message(s) discarded, still pending when it was closed",
                 self.cluster,

@@ -6,15 +6,15 @@ import asyncio
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import Any
 
+from .._blocking.closing import CLOSE_MARGIN, shut_down
 from .._blocking.facade import SyncNatsCluster
-from .._blocking.loop import SharedLoop, on_an_event_loop
+from .._blocking.loop import SharedLoop
 from .._core.cluster import NatsCluster
 from .._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
 from .._forksafe import renew_after_fork
@@ -30,7 +30,7 @@ from .ring import HashRing
 __all__ = ("ClusterRouter", "SyncClusterRouter", "clusters_from_env")
 
 ENV_PREFIX = "NATS_CLUSTER_"
-_CLOSE_MARGIN = 2.0
+_AT_EXIT_TIMEOUT = 5.0  # the most a router collected, or open at exit, drains
 ENV_REPLICAS = "HASH_RING_REPLICAS"
 
 
@@ -190,9 +190,15 @@ class SyncClusterRouter:
             name: SyncNatsCluster(name, urls, logger, timeout=timeout, _shared_loop=self._loop, **options)
             for name, urls in parsed.items()
         }
-        finalizers = [cluster._finalizer for cluster in self._clusters.values()]
         self._finalizer = weakref.finalize(
-            self, _shutdown_router, finalizers, self._loop, os.getpid(), self._dispatchers
+            self,
+            shut_down,
+            [cluster._holdings for cluster in self._clusters.values()],
+            self._loop.runner,
+            min(self._timeout, _AT_EXIT_TIMEOUT),
+            owns_loop=True,
+            dispatchers=self._dispatchers,
+            collected=True,
         )
         renew_after_fork(self)
 
@@ -348,28 +354,16 @@ class SyncClusterRouter:
         runner = self._loop.current()
         if runner.in_loop_thread():
             raise WrongThreadError("This method cannot be called from the event loop thread")
-        deadline = time.monotonic() + wait
-        if not self._close_lock.acquire(timeout=wait + 2 * _CLOSE_MARGIN):
+        if not self._close_lock.acquire(timeout=wait + 2 * CLOSE_MARGIN):
             raise ClusterTimeoutError(f"another close() of the router did not finish within {wait:g} s")
         try:
-            cores = {name: cluster.cluster for name, cluster in self._clusters.items()}
-            for core in cores.values():
-                core.begin_close()  # refuse new messages everywhere at once
-            sinks = {id(sink): sink for core in cores.values() for sink in core.incoming.sinks()}
-            if runner.thread.is_alive():
-                # Drain all clusters at once: a stalled one must not eat the others' time.
-                future = runner.submit(_each({n: core.close(wait) for n, core in cores.items()}))
-                try:
-                    future.result(wait + _CLOSE_MARGIN)
-                except (TimeoutError, CancelledError):
-                    future.cancel()
-            for cluster in self._clusters.values():
-                cluster.close(max(0.0, deadline - time.monotonic()))
-            runner.stop(max(1.0, deadline - time.monotonic()))
-            for sink in sinks.values():  # deliver what the subscriptions hold; join their threads
-                sink.close(drain=True, timeout=max(0.0, deadline - time.monotonic()))
-            for dispatcher in self._dispatchers:
-                dispatcher.close(max(0.0, deadline - time.monotonic()))
+            # The clusters' own holdings: as if each was closed, but all at once (a
+            # stalled cluster must not eat the others' time), and the loop they share last.
+            holdings = [cluster._holdings for cluster in self._clusters.values()]
+            if not shut_down(holdings, runner, wait, owns_loop=True, dispatchers=self._dispatchers):
+                raise ClusterTimeoutError(
+                    f"another close() of a cluster of the router did not finish within {wait:g} s"
+                )
             self._finalizer.detach()
         finally:
             self._close_lock.release()
@@ -380,34 +374,3 @@ class SyncClusterRouter:
 
     def _wait(self, timeout: float | None) -> float:
         return self._timeout if timeout is None else check_timeout(timeout)
-
-
-def _shutdown_router(
-    finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, pid: int, dispatchers: list[Dispatcher]
-) -> None:
-    """A router collected, or open at exit, without close(): close its clusters, stop
-    the loop thread they share and the router's dispatchers. Collected on an event
-    loop's thread (the router's, another cluster's, an application's), it waits for
-    nothing there: another thread does the closing."""
-    if os.getpid() != pid:
-        return
-    if on_an_event_loop():
-        args = (finalizers, loop, dispatchers)
-        try:
-            threading.Thread(target=_close_router, args=args, name="openfactory-nats-router-close").start()
-            return
-        except RuntimeError:  # no new thread at interpreter shutdown: close without waiting
-            pass
-    _close_router(finalizers, loop, dispatchers)
-
-
-def _close_router(
-    finalizers: list[weakref.finalize[Any, Any]], loop: SharedLoop, dispatchers: list[Dispatcher]
-) -> None:
-    for finalizer in finalizers:
-        finalizer()
-    on_loop = on_an_event_loop()
-    for dispatcher in dispatchers:
-        dispatcher.close(timeout=0 if on_loop or dispatcher.is_worker() else 2.0)
-    if not loop.forked and not on_loop:
-        loop.runner.stop(1.0)
