@@ -1,3 +1,4 @@
 """The blocking facade: :class:`~openfactory_nats.SyncNatsCluster` (:mod:`.facade`) runs
 the asyncio core on a daemon thread's event loop (:mod:`.loop`) and gives threads
-thread-safe calls, each with a timeout; it also renews itself in a forked child."""
+thread-safe calls, each with a timeout; it also renews itself in a forked child. Facades
+and routers close through one path (:mod:`.closing`)."""
