@@ -359,6 +359,9 @@ class SyncClusterRouter:
         try:
             # The clusters' own holdings: as if each was closed, but all at once (a
             # stalled cluster must not eat the others' time), and the loop they share last.
+            for cluster in self._clusters.values():
+                if cluster._forked:  # a forked child's: made again here, so that it ends closed too
+                    cluster._renew_after_fork()
             holdings = [cluster._holdings for cluster in self._clusters.values()]
             if not shut_down(holdings, runner, wait, owns_loop=True, dispatchers=self._dispatchers):
                 raise ClusterTimeoutError(
