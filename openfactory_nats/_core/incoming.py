@@ -248,14 +248,7 @@ class Incoming:
         *,
         headers: Mapping[str, str] | None = None,
     ) -> Msg:
-        """Send a request and return the reply (see :meth:`SyncNatsCluster.request`).
-
-        :raises NoRespondersError: when nobody listens on *subject*.
-        :raises ServiceError: when the service answered with an error.
-        :raises ClusterTimeoutError: when no reply came within *timeout* s.
-        :raises BufferFullError: when the outgoing buffer is full.
-        :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
-        """
+        """Send a request and return the reply: :meth:`NatsCluster.request <openfactory_nats.NatsCluster.request>`."""
         self._life.check_open()
         wait = check_timeout(timeout)
         loop = asyncio.get_running_loop()
@@ -298,22 +291,7 @@ class Incoming:
         max_pending_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float = 10.0,
     ) -> AsyncSubscription:
-        """Subscribe to *subject* (wildcards allowed: ``*`` a token, ``>`` the rest).
-
-        With an ``async`` *callback*, it is awaited for each message, in order; without
-        one, read with ``await sub.next_msg(timeout)`` or ``async for msg in sub``. Beyond
-        the limits, messages are dropped, counted (``sub.dropped``) and reported. Returns
-        once the server has registered the interest.
-
-        :raises InvalidMessageError: for an invalid subject filter or queue group, or
-            both together too long for the server's control line.
-        :raises InvalidTypeError: for arguments of the wrong type.
-        :raises ConnectError: when the cluster cannot be reached.
-        :raises RefusedError: when the server refused the subscription (permissions,
-            limits).
-        :raises ClusterUnavailableError: when the connection was lost while subscribing.
-        :raises ClusterClosedError: after :meth:`close`.
-        """
+        """Subscribe to *subject*: :meth:`NatsCluster.subscribe <openfactory_nats.NatsCluster.subscribe>`."""
         filt = validate_filter(subject)
         group = validate_queue(queue)
         check_sub_line(filt, group)
@@ -325,14 +303,7 @@ class Incoming:
         return sink
 
     def respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:
-        """What :meth:`Msg.respond` calls: queue a reply, from any thread; on the event
-        loop it never waits (a full buffer raises ``BufferFullError`` at once).
-
-        :raises InvalidMessageError: for a reply subject one cannot publish to (too
-            long, an empty token, a wildcard): the server would drop the reply, or close
-            the connection.
-        :raises ClusterUnavailableError: when no client is open (the reply is not sent).
-        """
+        """Queue a reply, from any thread: :meth:`NatsCluster.respond <openfactory_nats.NatsCluster.respond>`."""
         if not self._offer(wire_subject(reply), data, headers, 0.0 if self._on_loop() else self.connect_timeout):
             raise self._lost_error("respond")
 
