@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from openfactory_nats import SyncClusterRouter
+from openfactory_nats import ClusterState, ClusterTimeoutError, SyncClusterRouter, SyncNatsCluster
 
 from .servers import NatsServer
 
@@ -92,3 +92,23 @@ def test_router_closed_in_a_forked_child_closes_every_cluster(
             return " ".join(outcomes) + " " + states
 
         assert in_child(body) == "A: ClusterClosedError B: ClusterClosedError A=closed,B=closed"
+
+
+@pytest.mark.timeout(30)
+def test_a_close_that_cannot_wait_for_another_one_says_so(server: NatsServer, logger: logging.Logger) -> None:
+    """A close() that waited its timeout plus the margin for another close() still
+    running raises ClusterTimeoutError (it returned as if closed, the instance still
+    open); once the other one is done, close() returns and the instance is closed."""
+    cluster = SyncNatsCluster("CL", [server.url], logger)
+    cluster.connect()
+    held = cluster._holdings.lock
+    held.acquire()  # as a close() that is still draining a stalled server would
+    try:
+        started = time.monotonic()
+        with pytest.raises(ClusterTimeoutError, match="another close"):
+            cluster.close(0.1)
+        assert time.monotonic() - started < 10
+    finally:
+        held.release()
+    cluster.close(5)
+    assert cluster.state is ClusterState.CLOSED

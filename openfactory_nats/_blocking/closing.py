@@ -58,7 +58,7 @@ def shut_down(
     """Close what *holdings* hold within *wait* s (plus :data:`CLOSE_MARGIN` for the
     abort of a late drain), stopping *runner* if *owns_loop*; *dispatchers* are the
     caller's own (a router's). Returns False when another close held a lock for longer
-    than that (it goes on closing).
+    than that (it goes on closing; a finalizer logs it, ``close()`` raises).
 
     Where waiting would hold up an event loop (a finalizer, *collected*, running on an
     event loop's thread: the instance's, another cluster's, an application's) or wait for
@@ -91,7 +91,10 @@ def shut_down(
     try:
         for held in holdings:
             if not held.lock.acquire(timeout=max(0.0, started + wait + 2 * CLOSE_MARGIN - time.monotonic())):
-                held.core.logger.warning("cluster %s: another close() did not finish within %g s", held.core.name, wait)
+                if collected:  # nobody to tell but the log
+                    held.core.logger.warning(
+                        "cluster %s: another close() did not finish within %g s", held.core.name, wait
+                    )
                 return False
             locked.append(held.lock)
         _close_cores(cores, runner, wait, deadline)

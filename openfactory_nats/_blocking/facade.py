@@ -265,13 +265,18 @@ class SyncNatsCluster:
         afterwards.
 
         :raises WrongThreadError: on the event-loop thread.
+        :raises ClusterTimeoutError: when another ``close()``, still running, did not
+            finish within *timeout* s plus a margin (4 s); it goes on closing.
         """
         wait = self._wait(timeout)
         if self._runner.in_loop_thread():
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         if self._forked:
             self._renew_after_fork()
-        shut_down([self._holdings], self._runner, wait, owns_loop=self._shared_loop is None)
+        if not shut_down([self._holdings], self._runner, wait, owns_loop=self._shared_loop is None):
+            raise ClusterTimeoutError(
+                f"cluster {self.name!r}: another close() did not finish within {wait:g} s", cluster=self.name
+            )
 
     # -- receiving -------------------------------------------------------------------
     def subscribe(

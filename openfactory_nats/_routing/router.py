@@ -349,6 +349,8 @@ class SyncClusterRouter:
         closes waits for it to finish.
 
         :raises WrongThreadError: on the event-loop thread.
+        :raises ClusterTimeoutError: when another close, still running, did not finish
+            within *timeout* s plus a margin (4 s); it goes on closing.
         """
         wait = self._wait(timeout)
         runner = self._loop.current()
