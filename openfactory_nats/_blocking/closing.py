@@ -75,10 +75,9 @@ def shut_down(
     for core in cores:
         core.begin_close()  # refuse new messages from now on, in every thread
     if delivering() or (collected and on_an_event_loop()):
-        args = (holdings, runner, wait)
-        options = {"owns_loop": owns_loop, "dispatchers": dispatchers}
+        args = (holdings, runner, wait, owns_loop, dispatchers)
         try:
-            threading.Thread(target=shut_down, args=args, kwargs=options, name=_thread_name(cores)).start()
+            threading.Thread(target=_shut_down_here, args=args, name=_thread_name(cores)).start()
         except RuntimeError:  # no new thread at interpreter shutdown
             _close_without_waiting(cores, runner, wait, owns_loop, [*dispatchers, *_dispatchers(holdings)])
         return True
@@ -92,9 +91,7 @@ def shut_down(
         for held in holdings:
             if not held.lock.acquire(timeout=max(0.0, started + wait + 2 * CLOSE_MARGIN - time.monotonic())):
                 if collected:  # nobody to tell but the log
-                    held.core.logger.warning(
-                        "cluster %s: another close() did not finish within %g s", held.core.name, wait
-                    )
+                    _report_late(holdings, wait)
                 return False
             locked.append(held.lock)
         _close_cores(cores, runner, wait, deadline)
@@ -116,6 +113,19 @@ def shut_down(
     finally:
         for lock in locked:
             lock.release()
+
+
+def _shut_down_here(
+    holdings: Sequence[Holdings], runner: LoopThread, wait: float, owns_loop: bool, dispatchers: Sequence[Dispatcher]
+) -> None:
+    """:func:`shut_down` on a thread of its own, where nobody is told but the log."""
+    if not shut_down(holdings, runner, wait, owns_loop=owns_loop, dispatchers=dispatchers):
+        _report_late(holdings, wait)
+
+
+def _report_late(holdings: Sequence[Holdings], wait: float) -> None:
+    core = holdings[0].core
+    core.logger.warning("cluster %s: another close() did not finish within %g s", core.name, wait)
 
 
 def _dispatchers(holdings: Sequence[Holdings]) -> list[Dispatcher]:
