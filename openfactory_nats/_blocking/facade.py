@@ -360,17 +360,10 @@ class SyncNatsCluster:
             as :meth:`subscribe`.
         """
         count = check_workers(handler, workers)
+        name = f"openfactory-nats-{self.name}-serve-{subject}"
+        workers_ = Workers(handler, count, self._core.logger, name)
         sub = open_subscription(
-            [self],
-            self.name,
-            subject,
-            None,
-            queue=queue,
-            max_pending_msgs=DEFAULT_MAX_MSGS,
-            max_pending_bytes=DEFAULT_MAX_BYTES,
-            dispatcher=None,
-            timeout=self._wait(timeout),
-            workers=Workers(handler, count, self._core.logger, f"openfactory-nats-{self.name}-serve-{subject}"),
+            [self], self.name, subject, None, queue=queue, timeout=self._wait(timeout), workers=workers_
         )
         self._workers[:] = [t for t in self._workers if t.is_alive()] + list(sub.workers)  # forget ended ones
         return sub

@@ -32,7 +32,7 @@ from .._message import Msg
 from .._stats import Tally
 from .._wire import check_timeout
 from .dispatcher import Dispatcher
-from .inbox import DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
+from .inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS, DROP_REPORT_INTERVAL, Inbox, SubscriptionClosedError
 from .receivers import Receiver
 from .serving import SPREAD_AFTER, Workers
 
@@ -255,10 +255,10 @@ def open_subscription(
     callback: Callable[[Msg], object] | None,
     *,
     queue: str | None,
-    max_pending_msgs: int,
-    max_pending_bytes: int,
-    dispatcher: Dispatcher | None,
     timeout: float,
+    max_pending_msgs: int = DEFAULT_MAX_MSGS,
+    max_pending_bytes: int = DEFAULT_MAX_BYTES,
+    dispatcher: Dispatcher | None = None,
     workers: Workers | None = None,
 ) -> Subscription:
     """Subscribe on every one of *clusters*, delivering into one inbox (see
