@@ -16,6 +16,10 @@ built-in exception that users already catch::
     ├── SubscriptionModeError (RuntimeError) next_msg on a subscription with a callback
     ├── NoRespondersError                    nobody listens on a request's subject
     ├── ServiceError                         the service answered a request with an error
+    ├── JetStreamError                       the JetStream API refused (``code``, ``err_code``)
+    │   ├── StreamNotFoundError              no such stream (or none bound to a subject)
+    │   └── ConsumerNotFoundError            no such consumer
+    ├── MsgAlreadyAckedError (RuntimeError)  a JetStream message acknowledged twice
     ├── WrongThreadError (RuntimeError)      a blocking call on the event-loop thread
     └── ClusterTimeoutError (TimeoutError)   an operation ran out of time
         └── BufferFullError                  no room in the bounded outgoing buffer
@@ -36,6 +40,10 @@ __all__ = (
     "ConnectTimeoutError",
     "InvalidMessageError",
     "InvalidTypeError",
+    "JetStreamError",
+    "ConsumerNotFoundError",
+    "MsgAlreadyAckedError",
+    "StreamNotFoundError",
     "NatsClusterError",
     "NoRespondersError",
     "PublishError",
@@ -120,6 +128,35 @@ class ServiceError(NatsClusterError):
         super().__init__(message, cluster=cluster)
         self.code = code
         self.description = description
+
+
+class JetStreamError(NatsClusterError):
+    """The JetStream API answered with an error, or JetStream is not available.
+
+    :ivar code: the API's status code (e.g. 404, 400, 503 when no JetStream answered).
+    :ivar err_code: the server's JetStream error code (e.g. 10059 stream not found), or 0.
+    :ivar description: the server's description.
+    """
+
+    def __init__(
+        self, message: str, *, cluster: str | None = None, code: int = 0, err_code: int = 0, description: str = ""
+    ) -> None:
+        super().__init__(message, cluster=cluster)
+        self.code = code
+        self.err_code = err_code
+        self.description = description
+
+
+class StreamNotFoundError(JetStreamError):
+    """No such stream, or no stream stores the subject."""
+
+
+class ConsumerNotFoundError(JetStreamError):
+    """No such consumer (never made, or deleted)."""
+
+
+class MsgAlreadyAckedError(NatsClusterError, RuntimeError):
+    """A JetStream message was acknowledged (ack, nak or term) a second time."""
 
 
 class WrongThreadError(NatsClusterError, RuntimeError):

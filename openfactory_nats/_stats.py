@@ -20,6 +20,9 @@ COUNTERS = (
     "dropped_bytes",
     "refused",
     "requests",
+    "js_processed",
+    "js_failed",
+    "js_ack_errors",
 )
 
 

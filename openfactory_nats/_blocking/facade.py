@@ -32,6 +32,7 @@ from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from .._receive.receivers import Receiver
 from .._receive.serving import Handler, Workers, check_workers
+from .._jetstream.handle import JetStream
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
 from .._wire import check_timeout
@@ -412,6 +413,12 @@ class SyncNatsCluster:
             return reply
         finally:
             life.close()  # a wait that raised: the request is forgotten
+
+    def jetstream(self) -> JetStream:
+        """A JetStream handle bound to this cluster (streams, consumers, pull
+        subscriptions, worker pools): cheap, thread-safe, reusable."""
+        self._enter()
+        return JetStream(self, self._timeout)
 
     def dispatcher(self, threads: int = 4) -> Dispatcher:
         """Worker threads to share among subscriptions with callbacks (pass it as

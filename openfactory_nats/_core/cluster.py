@@ -196,6 +196,18 @@ class NatsCluster:
         """The server's ``max_payload`` (1 MiB until the first connection)."""
         return self._max_payload
 
+    def count(self, key: str, amount: int = 1) -> None:
+        """Add *amount* to the counter *key* of :meth:`stats` (any thread)."""
+        self._stats.add(key, amount)
+
+    def counter(self, key: str) -> int:
+        """One counter of :meth:`stats` (any thread), e.g. ``reconnects``."""
+        return self._stats.get(key)
+
+    def offer_pull(self, subject: str, reply: str, payload: bytes, timeout: float) -> bool:
+        """Queue a JetStream pull request (any thread); False when no client is open yet."""
+        return self.incoming.offer_request(subject, reply.encode(), payload, None, timeout, counted=False)
+
     def stats(self) -> dict[str, int]:
         """Counters since construction.
 
@@ -215,7 +227,10 @@ class NatsCluster:
         once per subscription); and the gauges ``queued`` messages not yet handed to
         the client, ``unsent_bytes`` handed to it but not yet written to the socket (with
         replay: not yet confirmed) and ``subscriptions``; ``requests`` sent and
-        ``late_replies`` that came after their requester had given up (dropped).
+        ``late_replies`` that came after their requester had given up (dropped);
+        JetStream worker pools' ``js_processed`` and ``js_failed`` messages (handler
+        returned, raised) and ``js_ack_errors``, acknowledgements that could not be sent
+        (the server redelivers those messages).
         """
         result = self._stats.snapshot()
         result["queued"] = len(self._pump.outbox)

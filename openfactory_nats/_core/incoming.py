@@ -169,8 +169,11 @@ class Incoming:
         assert self._replies is not None
         return self._replies
 
-    def offer_request(self, subject: object, reply: bytes, payload: object, headers: object, timeout: float) -> bool:
-        """Queue a request frame (any thread), as :meth:`offer` does a message."""
+    def offer_request(
+        self, subject: object, reply: bytes, payload: object, headers: object, timeout: float, *, counted: bool = True
+    ) -> bool:
+        """Queue a request frame (any thread), as :meth:`offer` does a message; *counted*
+        in ``requests`` (a JetStream pull request is not)."""
         if self._life.phase is not _OPEN:
             self._life.check_open()
             return False
@@ -197,7 +200,8 @@ class Incoming:
         except BufferFullError:
             self._stats.add("refused")
             raise
-        self._stats.add("requests")
+        if counted:
+            self._stats.add("requests")
         return True
 
     def request_life(

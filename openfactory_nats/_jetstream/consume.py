@@ -1,0 +1,176 @@
+"""A pool of worker threads processing the messages of a JetStream consumer.
+
+Each worker fetches for itself, one message at a time, through a pull subscription of
+its own to the pool's consumer: only what idle workers can take is fetched, so no message
+waits in this process while its ack wait runs, and a message whose handler still runs is
+not fetched again by the same pool. The worker then runs the handler and acknowledges: a
+handler returning acks, one raising naks (the server redelivers), one that acked, naked or
+termed itself is left alone. The acknowledgement and the worker's next pull request leave
+in one write. ``stop()`` ends the fetching at once and lets running handlers finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from .._errors import ClusterClosedError, ClusterTimeoutError, NatsClusterError
+from .msg import JsMsg
+
+__all__ = ("Consumer", "Handler")
+
+Handler = Callable[[JsMsg], Any]
+
+#: How long one fetch of a worker waits for a message.
+_POLL = 1.0
+_BACKOFF = 0.5
+
+
+class PullSubscription(Protocol):
+    """What the pool needs of a pull subscription."""
+
+    @property
+    def consumer(self) -> str: ...
+
+    def fetch(self, batch: int = 1, timeout: float | None = None) -> list[JsMsg]: ...
+
+    def unsubscribe(self, timeout: float | None = None) -> None: ...
+
+
+class Consumer:
+    """A running worker pool (``js.consume(...)``).
+
+    :ivar processed: messages whose handler returned (acked).
+    :ivar failed: messages whose handler raised (naked).
+    """
+
+    def __init__(
+        self,
+        subs: Sequence[PullSubscription],
+        handler: Handler,
+        logger: logging.Logger,
+        count: Callable[[str, int], None],
+        on_stop: Callable[[float], None] = lambda timeout: None,
+    ) -> None:
+        self._subs = list(subs)
+        self.consumer = self._subs[0].consumer
+        self._handler = handler
+        self._logger = logger
+        self._count = count
+        self._on_stop = on_stop
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.processed = 0
+        self.failed = 0
+        name = f"openfactory-nats-consume-{self.consumer}"
+        self._threads = [
+            threading.Thread(target=self._work, args=(sub,), name=f"{name}-{i}", daemon=True)
+            for i, sub in enumerate(self._subs)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.consumer!r} processed={self.processed} failed={self.failed}>"
+
+    @property
+    def running(self) -> bool:
+        """True until :meth:`stop` (or the cluster's close) ended it."""
+        return not self._stopping.is_set()
+
+    @property
+    def workers(self) -> tuple[threading.Thread, ...]:
+        return tuple(self._threads)
+
+    def _work(self, sub: PullSubscription) -> None:
+        stopping = self._stopping
+        while not stopping.is_set():
+            try:
+                msgs = sub.fetch(1, _POLL)
+            except ClusterClosedError:  # the cluster closed, or the pool was stopped
+                stopping.set()
+                return
+            except NatsClusterError as exc:
+                self._logger.warning("consumer %s: fetch failed, retrying: %s", self.consumer, exc)
+                stopping.wait(_BACKOFF)
+                continue
+            for msg in msgs:
+                if stopping.is_set():  # fetched while stopping: back to the server at once
+                    _nak_quietly(msg)
+                else:
+                    self._run(msg)
+
+    def _run(self, msg: JsMsg) -> None:
+        try:
+            self._handler(msg)
+        except Exception:
+            self._logger.exception(
+                "consumer %s: handler failed on %r (delivery %s); nak", self.consumer, msg.subject, _delivery(msg)
+            )
+            with self._lock:
+                self.failed += 1
+            self._count("js_failed", 1)
+            self._settle(msg, failed=True)
+            return
+        with self._lock:
+            self.processed += 1
+        self._count("js_processed", 1)
+        self._settle(msg, failed=False)
+
+    def _settle(self, msg: JsMsg, *, failed: bool) -> None:
+        if msg.acked:  # the handler acked, naked or termed it itself
+            return
+        try:
+            if failed:
+                msg.nak()
+            else:
+                msg.ack()
+        except NatsClusterError as exc:  # counted by the acker; the server redelivers it
+            self._logger.warning("consumer %s: could not acknowledge %r: %s", self.consumer, msg.subject, exc)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop fetching; let running handlers finish within *timeout* s. Idempotent.
+
+        :raises ClusterTimeoutError: when handlers were still running after *timeout* s
+            (they finish in the background; their messages are acked then).
+        """
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        for sub in self._subs:  # also ends a fetch in progress at once
+            try:
+                sub.unsubscribe(max(0.0, deadline - time.monotonic()))
+            except NatsClusterError as exc:
+                self._logger.debug("consumer %s: unsubscribe: %s", self.consumer, exc)
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        busy = [t.name for t in self._threads if t.is_alive() and t is not me]
+        self._on_stop(max(0.0, deadline - time.monotonic()))
+        if busy:
+            raise ClusterTimeoutError(
+                f"consumer {self.consumer!r}: {len(busy)} handler(s) still running after {timeout:g} s"
+            )
+
+    def __enter__(self) -> Consumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _nak_quietly(msg: JsMsg) -> None:
+    try:
+        msg.nak()
+    except NatsClusterError:
+        pass  # counted by the acker; the server redelivers it after its ack wait
+
+
+def _delivery(msg: JsMsg) -> object:
+    try:
+        return msg.metadata.num_delivered
+    except NatsClusterError:
+        return "?"
