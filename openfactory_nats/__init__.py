@@ -10,18 +10,27 @@ from ._errors import (
     ClusterUnavailableError,
     ConnectError,
     ConnectTimeoutError,
+    ConsumerNotFoundError,
     InvalidMessageError,
     InvalidTypeError,
+    JetStreamError,
+    MsgAlreadyAckedError,
     NatsClusterError,
     NoRespondersError,
     PublishError,
     RefusedError,
     ServiceError,
+    StreamNotFoundError,
     SubscriptionClosedError,
     SubscriptionModeError,
     WrongThreadError,
 )
 from ._filters import validate_filter
+from ._jetstream.aio import AsyncConsumer, AsyncJetStream, AsyncPullSubscription
+from ._jetstream.api import ConsumerInfo, StreamInfo
+from ._jetstream.consume import Consumer
+from ._jetstream.handle import JetStream, PullSubscription
+from ._jetstream.msg import AsyncJsMsg, JsMsg, Metadata, SequencePair
 from ._message import Msg
 from ._receive.dispatcher import Dispatcher
 from ._receive.subscription import AsyncSubscription, Subscription
@@ -33,6 +42,22 @@ from ._wire import validate_subject
 __version__ = "0.1.0"
 
 __all__ = (
+    "AsyncConsumer",
+    "AsyncJetStream",
+    "AsyncJsMsg",
+    "AsyncPullSubscription",
+    "Consumer",
+    "ConsumerInfo",
+    "ConsumerNotFoundError",
+    "JetStream",
+    "JetStreamError",
+    "JsMsg",
+    "Metadata",
+    "MsgAlreadyAckedError",
+    "PullSubscription",
+    "SequencePair",
+    "StreamInfo",
+    "StreamNotFoundError",
     "DEFAULT_MAX_PENDING_BYTES",
     "AsyncSubscription",
     "Dispatcher",

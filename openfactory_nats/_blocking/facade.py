@@ -27,12 +27,12 @@ from .._core.cluster import NatsCluster
 from .._core.incoming import CONNECT
 from .._core.lifecycle import ClusterState
 from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
+from .._jetstream.handle import JetStream
 from .._message import Msg
 from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from .._receive.receivers import Receiver
 from .._receive.serving import Handler, Workers, check_workers
-from .._jetstream.handle import JetStream
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
 from .._wire import check_timeout

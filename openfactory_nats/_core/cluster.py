@@ -25,6 +25,7 @@ from .._errors import (
     InvalidTypeError,
     WrongThreadError,
 )
+from .._jetstream.aio import AsyncJetStream
 from .._message import Msg
 from .._natsio import internals
 from .._natsio.client import CALLBACKS, describe, open_client
@@ -195,6 +196,12 @@ class NatsCluster:
     def max_payload(self) -> int:
         """The server's ``max_payload`` (1 MiB until the first connection)."""
         return self._max_payload
+
+    def jetstream(self) -> AsyncJetStream:
+        """A JetStream handle bound to this cluster: the blocking
+        :meth:`SyncNatsCluster.jetstream`'s calls, as coroutines."""
+        self._life.check_open()
+        return AsyncJetStream(self)
 
     def count(self, key: str, amount: int = 1) -> None:
         """Add *amount* to the counter *key* of :meth:`stats` (any thread)."""

@@ -18,6 +18,8 @@ from .._blocking.loop import SharedLoop
 from .._core.cluster import NatsCluster
 from .._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageError, InvalidTypeError, WrongThreadError
 from .._forksafe import renew_after_fork
+from .._jetstream.aio import AsyncJetStream
+from .._jetstream.handle import JetStream
 from .._message import Msg
 from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
@@ -122,6 +124,10 @@ class ClusterRouter:
     def cluster_for(self, key: str | bytes) -> str:
         """The name of the cluster that owns *key*."""
         return self.ring.get(key)
+
+    def jetstream(self, key: str | bytes) -> AsyncJetStream:
+        """The JetStream handle of the cluster that owns *key* (an asset)."""
+        return self.clusters[self.ring.get(key)].jetstream()
 
     async def connect(self) -> None:
         """Connect every cluster; the first failure is raised once all have tried."""
@@ -229,6 +235,10 @@ class SyncClusterRouter:
     def cluster_for(self, key: str | bytes) -> str:
         """The name of the cluster that owns *key*."""
         return self.ring.get(key)
+
+    def jetstream(self, key: str | bytes) -> JetStream:
+        """The JetStream handle of the cluster that owns *key* (an asset)."""
+        return self._clusters[self.ring.get(key)].jetstream()
 
     def publish(
         self,
