@@ -237,6 +237,16 @@ class JetStream:
         info: ConsumerInfo = self._call(api.add_consumer_call(stream, config), left)
         return PullSubscription(self, stream, info.name, durable is None, max(0.0, deadline - time.monotonic()))
 
+    def pull_subscribe_bind(self, durable: str, stream: str, *, timeout: float | None = None) -> PullSubscription:
+        """A pull subscription on an existing consumer, leaving its configuration as it is.
+
+        :raises ConsumerNotFoundError, StreamNotFoundError: when there is no such consumer or stream.
+        """
+        wait = self._timeout if timeout is None else check_timeout(timeout)
+        deadline = time.monotonic() + wait
+        info = self.consumer_info(stream, durable, timeout=wait)
+        return PullSubscription(self, stream, info.name, False, max(0.0, deadline - time.monotonic()))
+
     def consume(
         self,
         subject: str,

@@ -14,18 +14,11 @@ from typing import Any
 from .._blocking.facade import SyncNatsCluster
 from .._errors import NatsClusterError
 from .._message import Msg
+from .cli_js import CliError, add_consume_parser, consume
 
 __all__ = ("main",)
 
 _log = logging.getLogger("openfactory_nats.cli")
-
-
-class CliError(Exception):
-    """A failure reported as one line and a non-zero exit status."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _servers(value: str) -> list[str]:
@@ -109,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--queue", help="join this queue group")
     rep.add_argument("--count", type=int, help="exit 0 after answering this many requests")
     rep.add_argument("subject")
+
+    add_consume_parser(sub, _servers)
 
     bench = sub.add_parser("bench", parents=[common], help="measure throughput next to plain nats-py")
     bench.add_argument("--servers", type=_servers, help="a server to measure against (default: embedded)")
@@ -302,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.timeout is not None and args.timeout <= 0:
             raise CliError("--timeout must be positive", 2)
+        if args.command == "consume":
+            return consume(args, credentials_from_env())
         handler = {"demo": _demo, "publish": _publish, "sub": _sub, "req": _req, "reply": _reply, "bench": _bench}
         return handler[args.command](args)
     except CliError as exc:
