@@ -115,7 +115,7 @@ def test_demo_against_given_servers(server: NatsServer) -> None:
 
 def test_bench_smoke_run() -> None:
     args = ["bench", "--messages", "3000", "--rounds", "1", "--sizes", "128", "--latency-seconds", "0.2", "--no-stall",
-            "--requests", "80"]  # fmt: skip
+            "--requests", "80", "--jetstream", "1000"]  # fmt: skip
     result = run([*args, "--json"], timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -132,13 +132,19 @@ def test_bench_smoke_run() -> None:
     for key in ("plain_sequential_p50_ms", "facade_sequential_p99_ms", "plain_threads", "facade_serve"):
         assert requests[key] > 0, key
     assert requests["sequential_p50_ratio"] > 0 and requests["threads_ratio"] > 0 and requests["serve_ratio"] > 0
+    jetstream = data["jetstream"]
+    assert jetstream["messages"] == 1000 and jetstream["plain"] > 0
+    assert jetstream["fetch_1_ratio"] > 0 and jetstream["consume_4_ratio"] > 0
     table = run([*args, "--no-receive", "--latency-seconds", "0"], timeout=120)
     assert table.returncode == 0, table.stderr
     out = table.stdout.decode()
     assert "request/reply 128 B x 80" in out and "serve(workers=4)" in out and "raw socket" in out
-    skipped = run([*args, "--no-receive", "--latency-seconds", "0", "--no-requests", "--json"], timeout=120)
+    assert "consume(workers=4)" in out
+    skipped = run(
+        [*args, "--no-receive", "--latency-seconds", "0", "--no-requests", "--jetstream", "0", "--json"], timeout=120
+    )
     assert skipped.returncode == 0, skipped.stderr
-    assert "requests" not in json.loads(skipped.stdout)
+    assert "requests" not in json.loads(skipped.stdout) and "jetstream" not in json.loads(skipped.stdout)
 
 
 def test_ack_stores_every_line_in_the_stream(jetstream_server: NatsServer) -> None:
