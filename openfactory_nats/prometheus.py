@@ -42,6 +42,9 @@ metric                                        type     ``stats()`` key        wh
 ``openfactory_nats_receive_malformed_total``  counter  ``receive_malformed``  messages dropped, unreadable (not UTF-8)
 ``openfactory_nats_callback_errors_total``    counter  ``callback_errors``    exceptions raised by callbacks
 ``openfactory_nats_discarded_total``          counter  ``discarded``          received, discarded: subscription ended
+``openfactory_nats_js_processed_total``       counter  ``js_processed``       JetStream pool messages handled (acked)
+``openfactory_nats_js_failed_total``          counter  ``js_failed``          JetStream pool handlers that raised
+``openfactory_nats_js_ack_errors_total``      counter  ``js_ack_errors``      JetStream acks that could not be sent
 ``openfactory_nats_queued_messages``          gauge    ``queued``             messages not yet handed to the client
 ``openfactory_nats_unsent_bytes``             gauge    ``unsent_bytes``       bytes not on the socket (or unconfirmed)
 ``openfactory_nats_subscriptions``            gauge    ``subscriptions``      subscriptions open
@@ -106,6 +109,14 @@ METRICS: Final[dict[str, tuple[str, str, str, str]]] = {
         "",
         "Messages received but discarded because their subscription ended first (pending at unsubscribe, "
         "or when a drain ran out of time).",
+    ),
+    "js_processed": (_COUNTER, "js_processed", "", "JetStream worker pool messages whose handler returned (acked)."),
+    "js_failed": (_COUNTER, "js_failed", "", "JetStream worker pool messages whose handler raised (naked)."),
+    "js_ack_errors": (
+        _COUNTER,
+        "js_ack_errors",
+        "",
+        "JetStream acknowledgements that could not be sent (the server redelivers those messages).",
     ),
     "queued": (_GAUGE, "queued_messages", "", "Messages queued, not yet handed to the NATS client."),
     "unsent_bytes": (
