@@ -23,7 +23,9 @@ from ._errors import (
 )
 from ._filters import validate_filter
 from ._message import Msg
+from ._receive.discovery import ServiceInstance
 from ._receive.dispatcher import Dispatcher
+from ._receive.service import Endpoint, Service, ServiceGroup
 from ._receive.subscription import AsyncSubscription, Subscription
 from ._routing.ring import HashRing
 from ._routing.router import ClusterRouter, SyncClusterRouter, clusters_from_env
@@ -39,7 +41,11 @@ __all__ = (
     "Msg",
     "NoRespondersError",
     "RefusedError",
+    "Endpoint",
+    "Service",
     "ServiceError",
+    "ServiceGroup",
+    "ServiceInstance",
     "Subscription",
     "SubscriptionClosedError",
     "SubscriptionModeError",
