@@ -211,6 +211,8 @@ def discover(host: Host, name: str | None, timeout: float, logger: logging.Logge
                 msg = sub.next_msg(left)
             except ClusterTimeoutError:
                 break
+            if msg.headers and "Status" in msg.headers:
+                continue  # the server's "no responders" when no service answers a verb
             response = _response(msg)
             if response is None:
                 unreadable += 1
