@@ -175,7 +175,7 @@ def test_discover_finds_this_library_s_service(service: SyncNatsCluster, client:
     with pytest.raises(ServiceError):
         client.request("assets.1.state", b"missing")
     (found,) = client.discover("assets", timeout=0.5)
-    assert isinstance(found, ServiceInstance)
+    assert isinstance(found, ServiceInstance) and hash(found) == hash(found)
     assert (found.name, found.id, found.version, found.description) == ("assets", svc.id, "1.0.0", "asset state")
     assert found.metadata == {"site": "A"} and found.ping is not None and found.started is not None
     (endpoint,) = found.endpoints
@@ -407,3 +407,20 @@ def test_service_as_context_manager(service: SyncNatsCluster, client: SyncNatsCl
     assert not svc.running
     with pytest.raises(NoRespondersError):
         client.request("echo")
+
+
+def test_stop_from_a_handler_answers_and_returns(service: SyncNatsCluster, client: SyncNatsCluster) -> None:
+    svc = service.service("self", "1.0.0")
+
+    def quit_(msg: Msg) -> bytes:
+        svc.stop(timeout=5)  # waits for the other workers, not for itself
+        return b"bye"
+
+    svc.endpoint("quit", quit_, workers=2)
+    assert client.request("quit", timeout=10).data == b"bye"
+    assert not svc.running
+    assert svc.stats()["endpoints"][0]["num_requests"] == 1
+    with pytest.raises(InvalidMessageError):
+        client.discover("bad.name")
+    with pytest.raises(InvalidMessageError):
+        client.discover(timeout=-1)

@@ -127,10 +127,11 @@ class ServiceInstance:
     id: str
     name: str
     version: str
-    ping: dict[str, Any] | None = None
-    info: dict[str, Any] | None = None
-    stats: dict[str, Any] | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
+    # Hashed by identity only: the responses are dicts.
+    ping: dict[str, Any] | None = field(default=None, hash=False)
+    info: dict[str, Any] | None = field(default=None, hash=False)
+    stats: dict[str, Any] | None = field(default=None, hash=False)
+    metadata: dict[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def description(self) -> str:
