@@ -354,7 +354,8 @@ class SyncNatsCluster:
         reply, ``bytes`` or ``(bytes, headers)``, which the library sends. A handler that
         raises is logged with its traceback and answered at once with the headers
         ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500`` (the requester gets a
-        :class:`ServiceError`). Give a *queue* to spread requests over processes.
+        :class:`ServiceError`); one that raises ``ServiceError(code, description)`` is
+        answered with that code. Give a *queue* to spread requests over processes.
         Unsubscribing (or closing the cluster) stops the workers and joins them.
 
         :raises InvalidMessageError, InvalidTypeError: for bad arguments.
