@@ -32,7 +32,9 @@ from ._jetstream.consume import Consumer
 from ._jetstream.handle import JetStream, PullSubscription
 from ._jetstream.msg import AsyncJsMsg, JsMsg, Metadata, SequencePair
 from ._message import Msg
+from ._receive.discovery import ServiceInstance
 from ._receive.dispatcher import Dispatcher
+from ._receive.service import Endpoint, Service, ServiceGroup
 from ._receive.subscription import AsyncSubscription, Subscription
 from ._routing.ring import HashRing
 from ._routing.router import ClusterRouter, SyncClusterRouter, clusters_from_env
@@ -64,7 +66,11 @@ __all__ = (
     "Msg",
     "NoRespondersError",
     "RefusedError",
+    "Endpoint",
+    "Service",
     "ServiceError",
+    "ServiceGroup",
+    "ServiceInstance",
     "Subscription",
     "SubscriptionClosedError",
     "SubscriptionModeError",

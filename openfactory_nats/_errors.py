@@ -120,13 +120,23 @@ class NoRespondersError(NatsClusterError):
 class ServiceError(NatsClusterError):
     """The service answered a request with an error (the NATS services error headers).
 
+    A handler (of ``serve`` or a service endpoint) raises ``ServiceError(code,
+    description)`` to answer with that error: the requester gets a ``ServiceError`` with
+    the same ``code`` and ``description``.
+
     :ivar code: the ``Nats-Service-Error-Code`` (500 when a handler raised).
     :ivar description: the ``Nats-Service-Error`` text.
     """
 
-    def __init__(self, message: str, *, cluster: str | None, code: int, description: str) -> None:
+    def __init__(
+        self, message: str | int, description: str = "", *, cluster: str | None = None, code: int | None = None
+    ) -> None:
+        if isinstance(message, int) and not isinstance(message, bool):  # ServiceError(code, description)
+            code, message = message, f"service error {message}: {description}"
+        elif not isinstance(message, str):
+            raise InvalidTypeError(f"ServiceError takes a code (int) or a message (str), not {type(message).__name__}")
         super().__init__(message, cluster=cluster)
-        self.code = code
+        self.code = 500 if code is None else code
         self.description = description
 
 

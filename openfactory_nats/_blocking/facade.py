@@ -29,9 +29,11 @@ from .._core.lifecycle import ClusterState
 from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
 from .._jetstream.handle import JetStream
 from .._message import Msg
+from .._receive.discovery import ServiceInstance, discover
 from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
 from .._receive.receivers import Receiver
+from .._receive.service import DEFAULT_QUEUE_GROUP, Service
 from .._receive.serving import Handler, Workers, check_workers
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
@@ -353,7 +355,8 @@ class SyncNatsCluster:
         reply, ``bytes`` or ``(bytes, headers)``, which the library sends. A handler that
         raises is logged with its traceback and answered at once with the headers
         ``Nats-Service-Error`` and ``Nats-Service-Error-Code: 500`` (the requester gets a
-        :class:`ServiceError`). Give a *queue* to spread requests over processes.
+        :class:`ServiceError`); one that raises ``ServiceError(code, description)`` is
+        answered with that code. Give a *queue* to spread requests over processes.
         Unsubscribing (or closing the cluster) stops the workers and joins them.
 
         :raises InvalidMessageError, InvalidTypeError: for bad arguments.
@@ -368,6 +371,59 @@ class SyncNatsCluster:
         )
         self._workers[:] = [t for t in self._workers if t.is_alive()] + list(sub.workers)  # forget ended ones
         return sub
+
+    # -- services (ADR-32) -----------------------------------------------------------
+    def service(
+        self,
+        name: str,
+        version: str,
+        *,
+        description: str = "",
+        metadata: Mapping[str, str] | None = None,
+        queue_group: str = DEFAULT_QUEUE_GROUP,
+        timeout: float | None = None,
+    ) -> Service:
+        """Start a NATS service (ADR-32) named *name* (``[A-Za-z0-9_-]``) at *version*
+        (semantic), discoverable at once on ``$SRV.PING|INFO|STATS`` by any NATS client;
+        add endpoints with :meth:`Service.endpoint` and :meth:`Service.group`. It stops
+        with :meth:`Service.stop` or this cluster's :meth:`close`.
+
+        :raises InvalidMessageError, InvalidTypeError: for a bad name, version,
+            description, metadata or queue group.
+        :raises ConnectError, ClusterTimeoutError, ClusterClosedError, WrongThreadError:
+            as :meth:`subscribe`.
+        """
+        return Service(
+            self,
+            name,
+            version,
+            description=description,
+            metadata=metadata,
+            queue_group=queue_group,
+            logger=self._core.logger,
+            timeout=timeout,
+        )
+
+    def discover(self, name: str | None = None, timeout: float = 1.0) -> list[ServiceInstance]:
+        """The running instances of service *name* (of every service when None), written
+        with any NATS client: their PING, INFO and STATS responses, gathered for *timeout*
+        s after the requests are sent (instances that answer later are not listed).
+
+        :raises InvalidMessageError, InvalidTypeError: for a bad name or timeout.
+        :raises ConnectError, ClusterTimeoutError, ClusterClosedError, WrongThreadError:
+            as :meth:`subscribe`.
+        """
+        return discover(self, name, timeout, self._core.logger)
+
+    def _send_to(self, subject: str, reply: str, payload: bytes, timeout: float | None) -> None:
+        """Queue *payload* for *subject* with the reply subject *reply* (the caller gathers
+        the replies itself), connecting first if need be, within *timeout* s."""
+        core = self._enter()
+        deadline = time.monotonic() + self._wait(timeout)
+        while not core.incoming.offer_request(
+            subject, reply.encode(), payload, None, max(0.0, deadline - time.monotonic())
+        ):
+            self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
 
     def request(
         self,

@@ -266,7 +266,13 @@ def build_request_frame(subject: bytes, reply: bytes, payload: bytes, headers: b
 
 
 def error_headers(exc: BaseException) -> Mapping[str, str]:
-    """The NATS services error headers for a handler that raised *exc*."""
-    text = f"{type(exc).__name__}: {exc}"
-    clean = "".join(c if c.isprintable() else " " for c in text)[:200]
-    return {SERVICE_ERROR: clean, SERVICE_ERROR_CODE: "500"}
+    """The NATS services error headers for a handler that raised *exc*: a
+    :class:`ServiceError`'s own code and description, else 500 and the exception."""
+    if isinstance(exc, ServiceError):
+        code = exc.code if isinstance(exc.code, int) and not isinstance(exc.code, bool) else 500
+        return {SERVICE_ERROR: _header_text(str(exc.description)), SERVICE_ERROR_CODE: str(code)}
+    return {SERVICE_ERROR: _header_text(f"{type(exc).__name__}: {exc}"), SERVICE_ERROR_CODE: "500"}
+
+
+def _header_text(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)[:200]

@@ -1,4 +1,5 @@
-"""The ``openfactory-nats`` command: ``demo``, ``publish``, ``sub``, ``req``, ``reply`` and ``bench``."""
+"""The ``openfactory-nats`` command: ``demo``, ``publish``, ``sub``, ``req``, ``reply``,
+``services`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 from .._blocking.facade import SyncNatsCluster
 from .._errors import NatsClusterError
 from .._message import Msg
+from .._receive.discovery import ServiceInstance
 from .cli_js import CliError, add_consume_parser, consume
 
 __all__ = ("main",)
@@ -104,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("subject")
 
     add_consume_parser(sub, _servers)
+    svc = sub.add_parser("services", help="list the running NATS services (ADR-32), their endpoints and stats")
+    svc.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    svc.add_argument("--timeout", type=float, default=1.0, help="seconds to gather the answers (default 1)")
+    svc.add_argument("--servers", type=_servers, required=True)
+    svc.add_argument("--json", action="store_true", help="print machine-readable results")
+    svc.add_argument("name", nargs="?", help="only the instances of this service")
 
     bench = sub.add_parser("bench", parents=[common], help="measure throughput next to plain nats-py")
     bench.add_argument("--servers", type=_servers, help="a server to measure against (default: embedded)")
@@ -267,6 +275,57 @@ def _reply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _services(args: argparse.Namespace) -> int:
+    connect = max(5.0, args.timeout)
+    with SyncNatsCluster("cli", args.servers, _log, timeout=connect, connect_timeout=connect,
+                         **credentials_from_env()) as cluster:  # fmt: skip
+        found = cluster.discover(args.name, timeout=args.timeout)
+    if args.json:
+        print(json.dumps([instance.as_dict() for instance in found], indent=2))
+    elif found:
+        print(format_services(found))
+    else:
+        print("no services found" if args.name is None else f"no instance of {args.name!r} found", file=sys.stderr)
+    return 0
+
+
+def format_services(found: Sequence[ServiceInstance]) -> str:
+    """The instances as the ``services`` command prints them: a line each, then a table
+    of its endpoints with their stats (as ``nats micro info/stats`` show them)."""
+    lines: list[str] = []
+    for instance in found:
+        meta = "".join(f" {k}={v}" for k, v in sorted(instance.metadata.items()))
+        about = f" ({instance.description})" if instance.description else ""
+        lines.append(f"{instance.name} {instance.version} id={instance.id}{about}{meta}")
+        if instance.started:
+            lines.append(f"  started {instance.started}")
+        rows = [("ENDPOINT", "SUBJECT", "QUEUE", "REQUESTS", "ERRORS", "AVERAGE", "LAST ERROR")]
+        for e in instance.endpoints:
+            average = e.get("average_processing_time")
+            rows.append(
+                (
+                    str(e.get("name", "")),
+                    str(e.get("subject", "")),
+                    str(e.get("queue_group") or "-"),
+                    str(e.get("num_requests", "-")),
+                    str(e.get("num_errors", "-")),
+                    _duration(average) if isinstance(average, int | float) else "-",
+                    str(e.get("last_error") or ""),
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _duration(nanoseconds: float) -> str:
+    for unit, size in (("s", 1e9), ("ms", 1e6), ("us", 1e3)):
+        if nanoseconds >= size:
+            return f"{nanoseconds / size:.3g}{unit}"
+    return f"{nanoseconds:.0f}ns"
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_table, run_benchmark
 
@@ -301,7 +360,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError("--timeout must be positive", 2)
         if args.command == "consume":
             return consume(args, credentials_from_env())
-        handler = {"demo": _demo, "publish": _publish, "sub": _sub, "req": _req, "reply": _reply, "bench": _bench}
+        handler = {
+            "demo": _demo,
+            "publish": _publish,
+            "sub": _sub,
+            "req": _req,
+            "reply": _reply,
+            "services": _services,
+            "bench": _bench,
+        }
         return handler[args.command](args)
     except CliError as exc:
         print(f"openfactory-nats: error: {exc}", file=sys.stderr)

@@ -1,0 +1,118 @@
+"""A service's endpoint: the handler wrapped to keep the ADR-32 stats and to answer
+errors as the ADR says (see :mod:`.service`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import ServiceError
+from .._message import Msg
+from .._wire import encode_headers
+from .replies import SERVICE_ERROR, error_headers
+from .serving import Handler, reply_of
+from .subscription import Subscription
+
+__all__ = ("Endpoint",)
+
+
+class Endpoint:
+    """One endpoint of a :class:`~openfactory_nats.Service` (made by its ``endpoint()``):
+    its handler runs on the threads of its :attr:`subscription` (a ``serve`` one); its
+    stats count every request."""
+
+    def __init__(
+        self,
+        service: str,
+        logger: logging.Logger,
+        name: str,
+        handler: Handler,
+        subject: str,
+        queue_group: str,
+        metadata: dict[str, str],
+    ) -> None:
+        #: The name of the service it belongs to.
+        self.service = service
+        self.logger = logger
+        self.name = name
+        self.subject = subject
+        self.queue_group = queue_group
+        self.metadata = metadata
+        self._handler = handler
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._errors = 0
+        self._time = 0
+        self._last_error = ""
+        self.subscription: Subscription | None = None
+
+    def __repr__(self) -> str:
+        return f"<Endpoint {self.name!r} subject={self.subject!r} queue_group={self.queue_group!r}>"
+
+    def handle(self, msg: Msg) -> tuple[bytes, Mapping[str, str] | None]:
+        """(A worker thread) Answer one request: the handler's reply, or the error
+        headers of what it raised (a :class:`ServiceError`'s code, else 500)."""
+        started = time.perf_counter_ns()
+        try:
+            data, headers = reply_of(self._handler(msg))
+            if headers is not None:
+                encode_headers(headers)  # one that cannot be sent is the handler's error
+        except ServiceError as exc:
+            answer = error_headers(exc)
+            self._count(started, f"{exc.code}:{answer[SERVICE_ERROR]}")
+            return b"", answer
+        except BaseException as exc:  # as serve's workers: a dead worker would leave requests unanswered
+            self.logger.exception(
+                "service %s: endpoint %s: the handler raised on a request to %r; answering 500",
+                self.service,
+                self.name,
+                msg.subject,
+            )
+            answer = error_headers(exc)
+            self._count(started, f"500:{answer[SERVICE_ERROR]}")
+            return b"", answer
+        self._count(started, None)
+        return data, headers
+
+    def _count(self, started: int, error: str | None) -> None:
+        elapsed = time.perf_counter_ns() - started
+        with self._lock:
+            self._requests += 1
+            self._time += elapsed
+            if error is not None:
+                self._errors += 1
+                self._last_error = error
+
+    def reset(self) -> None:
+        """Zero the stats."""
+        with self._lock:
+            self._requests = self._errors = self._time = 0
+            self._last_error = ""
+
+    def info(self) -> dict[str, Any]:
+        """The endpoint's part of the INFO response."""
+        return {
+            "name": self.name,
+            "subject": self.subject,
+            "queue_group": self.queue_group,
+            "metadata": dict(self.metadata),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """The endpoint's part of the STATS response (times in nanoseconds)."""
+        with self._lock:
+            requests, errors, spent, last = self._requests, self._errors, self._time, self._last_error
+        return {
+            "name": self.name,
+            "subject": self.subject,
+            "queue_group": self.queue_group,
+            "num_requests": requests,
+            "num_errors": errors,
+            "last_error": last,
+            "processing_time": spent,
+            "average_processing_time": spent // requests if requests else 0,
+            "data": {},
+        }
