@@ -217,7 +217,7 @@ class SyncNatsCluster:
         if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         wait = self._timeout if timeout is None else check_timeout(timeout)
-        if not self._core.offer(subject, payload, headers, wait):
+        if not self._core.outgoing.offer(subject, payload, headers, wait):
             self._publish_slow(subject, payload, wait, headers)
         return None
 
@@ -240,7 +240,7 @@ class SyncNatsCluster:
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             self._call(core.connect(), remaining, connecting=True)
-            if core.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
+            if core.outgoing.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
                 return
 
     def flush(self, timeout: float | None = None) -> None:
