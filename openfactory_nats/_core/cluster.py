@@ -2,6 +2,8 @@
 
 Its life cycle (phases, who moves them, on which thread) is described and kept in
 :mod:`.lifecycle`; this module asks it and never keeps a state flag of its own.
+:class:`NatsCluster` is the public API and wires its parts: the nats-py client
+(:mod:`.connection`), the send side (:mod:`.outgoing`), the receive side (:mod:`.incoming`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any, Literal, overload
 
 from nats.aio.client import Client
 
-from .._errors import ClusterClosedError, ClusterUnavailableError, ConnectTimeoutError, WrongThreadError
+from .._errors import ClusterClosedError, ClusterUnavailableError, ConnectTimeoutError
 from .._message import Msg
 from .._natsio.client import CALLBACKS
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
@@ -28,7 +30,7 @@ from . import registry
 from .connection import Connection, check_settings
 from .incoming import Incoming
 from .lifecycle import ClusterState, Lifecycle, Phase
-from .outgoing import Outgoing, uses_fast_path
+from .outgoing import DEFAULT_ACK_TIMEOUT, Outgoing, uses_fast_path
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
@@ -77,7 +79,6 @@ class NatsCluster:
         user_callbacks = {key: options.pop(key) for key in CALLBACKS if key in options}
         self._fast = uses_fast_path(name, self.servers, logger)
         self._stats = Stats()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._pump = Pump(
             name,
             logger,
@@ -112,7 +113,7 @@ class NatsCluster:
             self._conn,
             fast=self._fast,
             attached=self._attached,
-            adopt_loop=self._adopt_loop,
+            adopt_loop=self._conn.adopt_loop,
             lost_error=self._lost_error,
         )
         #: The receive side: subscriptions and requests (see :mod:`.incoming`).
@@ -127,14 +128,13 @@ class NatsCluster:
             connect_timeout=self.connect_timeout,
             connect=self._conn.connect,
             attached=self._attached,
-            adopt_loop=self._adopt_loop,
+            adopt_loop=self._conn.adopt_loop,
             on_loop=self._on_loop,
             lost_error=self._lost_error,
             offer=self.outgoing.offer,
             prepare=self.outgoing.prepare,
             max_payload=lambda: self._conn.max_payload,
         )
-        self._close_task: asyncio.Task[None] | None = None
         registry.track(self)  # weakly, for openfactory_nats.prometheus
 
     def __repr__(self) -> str:
@@ -218,34 +218,18 @@ class NatsCluster:
 
     def _on_loop(self) -> bool:
         """True on the event-loop thread this core runs on."""
-        return self._loop is not None and asyncio._get_running_loop() is self._loop
+        loop = self._conn.loop
+        return loop is not None and asyncio._get_running_loop() is loop
 
     def _wake(self) -> None:
         """Ask the loop to move queued messages into the client (any thread)."""
-        loop = self._loop
+        loop = self._conn.loop
         if loop is None or loop.is_closed():
             return
         try:
             loop.call_soon_threadsafe(self._pump.on_wake)
         except RuntimeError:
             pass  # the loop is closing; close() or the next loop takes over the outbox
-
-    def _adopt_loop(self) -> None:
-        """Bind to the running loop; after the previous loop ended (``asyncio.run`` per
-        call, as in the original's documentation), start afresh on this one and keep
-        what the old client never sent."""
-        loop = asyncio.get_running_loop()
-        previous = self._loop
-        if previous is loop:
-            return
-        if previous is not None and not previous.is_closed():
-            raise WrongThreadError(f"cluster {self.name!r} is bound to another running event loop", cluster=self.name)
-        if previous is not None:
-            nc = self._conn.loop_ended()
-            self._life.loop_ended()
-            self._pump.salvage(nc)
-            self._close_task = None
-        self._loop = loop
 
     # -- connecting ----------------------------------------------------------------
     async def connect(self) -> None:
@@ -259,7 +243,7 @@ class NatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         """
         self._life.check_open()
-        self._adopt_loop()
+        self._conn.adopt_loop()
         await self._conn.connect(self.connect_timeout)
 
     def connect_timeout_error(self, timeout: float | None = None) -> ConnectTimeoutError:
@@ -339,7 +323,24 @@ class NatsCluster:
         :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
         :raises ClusterClosedError: after :meth:`close`.
         """
-        return await self.outgoing.publish(subject, payload, headers, timeout, ack, msg_id)
+        self._life.check_open()
+        wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
+        if ack:
+            self.outgoing.prepare(subject, payload, headers)
+            return await self.outgoing.publish_acked(subject, payload, headers, msg_id, wait)
+        self._conn.adopt_loop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        size = self.outgoing.prepare(subject, payload, headers)
+        while True:
+            if not self._life.accepting:
+                await self._conn.connect(self.connect_timeout)
+            elif loop.time() >= deadline or self._pump.outbox.try_reserve(size):
+                if self.outgoing.offer(subject, payload, headers, 0.0):  # refused (and counted) when still full
+                    return None
+            else:
+                self._pump.on_wake()
+                await asyncio.sleep(0.002)
 
     def _lost_error(self, what: str) -> ClusterUnavailableError:
         return ClusterUnavailableError(f"cluster {self.name!r}: connection lost during {what}", cluster=self.name)
@@ -356,10 +357,7 @@ class NatsCluster:
         :raises ClusterUnavailableError: when the client gave up reconnecting meanwhile.
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         """
-        self._life.check_open()
-        wait = check_timeout(timeout)
-        self._adopt_loop()
-        await self.outgoing.flush(wait)
+        await self.outgoing.flush(timeout)
 
     # -- receiving (the work is done by self.incoming) ------------------------------
     async def subscribe(
@@ -438,18 +436,9 @@ class NatsCluster:
         if self._life.phase is Phase.CLOSED:
             return
         limit = self.drain_timeout if timeout is None else min(self.drain_timeout, check_timeout(timeout))
-        self._adopt_loop()
+        self._conn.adopt_loop()
         self._life.begin_close()
-        if self._close_task is None:
-            deadline = asyncio.get_running_loop().time() + limit
-            self._close_task = asyncio.get_running_loop().create_task(self._close(deadline))
-        await asyncio.shield(self._close_task)
-
-    async def _close(self, deadline: float) -> None:
-        try:
-            await self._conn.close(deadline, finish=self._closed)
-        finally:
-            self.logger.info("cluster %s: closed (%s)", self.name, self.stats())
+        await self._conn.close(limit, finish=self._closed)
 
     def _closed(self) -> None:
         """Closing is over, delivered or not: end the subscriptions, count what is left."""
@@ -458,3 +447,4 @@ class NatsCluster:
         if left:
             self._pump.report_dropped(left, "closed before they could be sent")
         self._life.closed()
+        self.logger.info("cluster %s: closed (%s)", self.name, self.stats())

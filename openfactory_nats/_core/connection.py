@@ -1,13 +1,13 @@
 """The connection of one :class:`~openfactory_nats.NatsCluster`: its nats-py client, one
 at a time, from its making to its closing.
 
-:class:`Connection` makes the client (one attempt at a time, within a deadline), follows
+:class:`Connection` binds the core to the event loop it runs on (and starts afresh when
+that loop has ended), makes the client (one attempt at a time, within a deadline), follows
 its events (it is the :class:`~openfactory_nats._natsio.client.ClientOwner`), connects
 again by itself while subscriptions wait for a client, and drains and closes the client
-at the end. It keeps what the server said
-(``max_payload``) and the last error. What it needs of the core (the life cycle, the
-pump, the counters, the receivers) is handed to it when it is made;
-the phase stays the life cycle's.
+at the end. It keeps what the server said (``max_payload``) and the last error. What it
+needs of the core (its settings, the life cycle, the pump, the counters, the receivers)
+is handed to it when it is made; the phase stays the life cycle's.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from .._errors import (
     ConnectTimeoutError,
     InvalidMessageError,
     InvalidTypeError,
+    WrongThreadError,
 )
 from .._natsio import internals
 from .._natsio.client import describe, open_client
@@ -125,6 +126,8 @@ class Connection:
         self._fast = fast
         #: The client, once made (replaced when nats-py gives up on it or its loop ends).
         self.nc: Client | None = None
+        #: The event loop the core runs on (see :meth:`adopt_loop`).
+        self.loop: asyncio.AbstractEventLoop | None = None
         #: Held by a connection attempt, and by closing.
         self.lock = asyncio.Lock()
         #: The server's ``max_payload`` (1 MiB until the first connection).
@@ -132,21 +135,35 @@ class Connection:
         self._js: Any = None
         self._revive: asyncio.Task[None] | None = None
         self._last_error: BaseException | None = None
+        self._close_task: asyncio.Task[None] | None = None
 
     @property
     def name(self) -> str:
+        """The core's name."""
         return self._settings.name
 
     @property
     def logger(self) -> logging.Logger:
+        """The core's logger."""
         return self._settings.logger
 
-    def loop_ended(self) -> Client | None:
-        """The event loop the client ran on has ended: forget the client (returned, for
-        what it never sent) and start afresh on the next loop."""
-        nc, self.nc, self._js = self.nc, None, None
-        self.lock = asyncio.Lock()
-        return nc
+    def adopt_loop(self) -> None:
+        """Bind to the running loop; after the previous loop ended (``asyncio.run`` per
+        call, as in the original's documentation), start afresh on this one and keep
+        what the old client never sent."""
+        loop = asyncio.get_running_loop()
+        previous = self.loop
+        if previous is loop:
+            return
+        if previous is not None and not previous.is_closed():
+            raise WrongThreadError(f"cluster {self.name!r} is bound to another running event loop", cluster=self.name)
+        if previous is not None:
+            nc, self.nc, self._js = self.nc, None, None
+            self._life.loop_ended()
+            self._pump.salvage(nc)
+            self.lock = asyncio.Lock()
+            self._close_task = None
+        self.loop = loop
 
     def jetstream(self) -> Any:
         """The JetStream context of the attached client, or None when none is open."""
@@ -278,10 +295,16 @@ class Connection:
             asyncio.get_running_loop().create_task(nc.force_reconnect())
 
     # -- closing -----------------------------------------------------------------------
-    async def close(self, deadline: float, finish: Callable[[], None]) -> None:
-        """Deliver what is held and close the client by *deadline* (loop time); then
-        *finish* (the core's part: end the subscriptions, count what is left), in any
-        case, before a connection attempt may start again."""
+    async def close(self, limit: float, finish: Callable[[], None]) -> None:
+        """Deliver what is held and close the client within *limit* s, then *finish* (the
+        core's part: end the subscriptions, count what is left), in any case, before a
+        connection attempt may start again. One closing serves every caller."""
+        if self._close_task is None:
+            deadline = asyncio.get_running_loop().time() + limit
+            self._close_task = asyncio.get_running_loop().create_task(self._close(deadline, finish))
+        await asyncio.shield(self._close_task)
+
+    async def _close(self, deadline: float, finish: Callable[[], None]) -> None:
         loop = asyncio.get_running_loop()
         locked = False
         try:

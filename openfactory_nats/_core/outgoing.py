@@ -125,38 +125,11 @@ class Outgoing:
             raise
         return True
 
-    async def publish(
-        self,
-        subject: str,
-        payload: bytes,
-        headers: Mapping[str, str] | None,
-        timeout: float | None,
-        ack: bool,
-        msg_id: str | None,
-    ) -> PubAck | None:
-        """Validate and queue one message, on the loop (see ``NatsCluster.publish``)."""
-        self._life.check_open()
-        wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
-        if ack:
-            self.prepare(subject, payload, headers)
-            return await self._publish_acked(subject, payload, headers, msg_id, wait)
-        self._adopt_loop()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        size = self.prepare(subject, payload, headers)
-        while True:
-            if not self._life.accepting:
-                await self._conn.connect(self._settings.connect_timeout)
-            elif loop.time() >= deadline or self._pump.outbox.try_reserve(size):
-                if self.offer(subject, payload, headers, 0.0):  # refused (and counted) when still full
-                    return None
-            else:
-                self._pump.on_wake()
-                await asyncio.sleep(0.002)
-
-    async def _publish_acked(
+    async def publish_acked(
         self, subject: str, payload: bytes, headers: Mapping[str, str] | None, msg_id: str | None, wait: float
     ) -> PubAck:
+        """Publish into JetStream within *wait* s and return the stream's acknowledgement
+        (``NatsCluster.publish`` with ``ack=True``, once the message is validated)."""
         ident = new_msg_id() if msg_id is None else check_msg_id(msg_id)
         self._adopt_loop()
         loop = asyncio.get_running_loop()
@@ -198,6 +171,9 @@ class Outgoing:
 
     async def flush(self, timeout: float) -> None:
         """Confirm everything queued so far within *timeout* s (see ``NatsCluster.flush``)."""
+        self._life.check_open()
+        timeout = check_timeout(timeout)
+        self._adopt_loop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if not self._life.accepting:
