@@ -3,9 +3,9 @@ messages, acknowledged publishing, and confirming what was sent (flush).
 
 :class:`Outgoing` is one object per core, as :class:`~.incoming.Incoming` is for the
 receive side. Publishing threads call :meth:`Outgoing.offer` directly (the blocking
-facade does), so that a message goes from the caller to the outbox without a call
-more; what it needs of the core (the life cycle, the pump, the counters, the
-connection) is handed to it when it is made, and nothing else is read.
+facade does), with no call in between; ``NatsCluster.publish`` keeps its own loop for
+the same reason. What it needs of the core (its settings, the life cycle, the pump, the
+counters, the connection) is handed to it when it is made, and nothing else is read.
 """
 
 from __future__ import annotations
