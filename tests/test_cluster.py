@@ -362,7 +362,7 @@ def test_constructor_rejects_bad_configuration(logger: logging.Logger) -> None:
         NatsCluster("C1", ["nats://127.0.0.1:4222"], logger, connect_timeout=-1)
     cluster = NatsCluster("C1", "nats://127.0.0.1:4222", logger)
     assert cluster.servers == ["nats://127.0.0.1:4222"] and cluster.reconnect_time_wait == 2
-    assert cluster.nc is None and isinstance(cluster._lock, asyncio.Lock)
+    assert cluster.nc is None and isinstance(cluster._conn.lock, asyncio.Lock)
 
 
 def test_a_buffer_dropped_by_nats_py_is_counted_and_logged(

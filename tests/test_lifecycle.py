@@ -474,10 +474,10 @@ async def _abort(nc: Any) -> None:
 def test_public_api_outage_refuses_beyond_the_budget_and_loses_nothing(
     server: NatsServer, logger: logging.Logger, monkeypatch: Any, caplog: Any
 ) -> None:
-    import openfactory_nats._core.cluster as cluster_module
+    import openfactory_nats._core.outgoing as outgoing_module
 
     monkeypatch.setenv("OPENFACTORY_NATS_PUBLIC_API", "1")
-    monkeypatch.setattr(cluster_module, "_warned_public_api", False)
+    monkeypatch.setattr(outgoing_module, "_warned_public_api", False)
     with caplog.at_level(logging.WARNING, logger=logger.name):
         cluster = SyncNatsCluster("P", [server.url], logger, max_pending_bytes=256 * 1024, reconnect_time_wait=0.1)
         SyncNatsCluster("P2", [server.url], logger).close()

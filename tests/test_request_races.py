@@ -385,16 +385,16 @@ def test_serve_wakes_every_worker_a_batch_needs(
 ) -> None:
     """Four requests, in one batch, that can only be answered together (their handlers
     meet at a barrier): the offer wakes one worker, the timer the three others."""
-    from openfactory_nats._receive.inbox import Inbox
+    from openfactory_nats._receive.readers import Readers
 
     looks: list[int] = []
-    original = Inbox._spread_readers
+    original = Readers._spread_readers
 
-    def spread_readers(self: Inbox) -> None:
+    def spread_readers(self: Readers) -> None:
         looks.append(len(self._items))
         original(self)
 
-    monkeypatch.setattr(Inbox, "_spread_readers", spread_readers)
+    monkeypatch.setattr(Readers, "_spread_readers", spread_readers)
     barrier = threading.Barrier(4, timeout=5)
 
     def handler(msg):  # type: ignore[no-untyped-def]

@@ -163,7 +163,7 @@ def test_lazy_readers_outside_an_event_loop_are_all_woken() -> None:
     for reader in readers:
         reader.start()
     deadline = time.monotonic() + 5
-    while inbox._idle < 2 and time.monotonic() < deadline:
+    while inbox._readers.idle < 2 and time.monotonic() < deadline:
         time.sleep(0.001)
     inbox.offer([Msg("s", b"1"), Msg("s", b"2")])  # no event loop runs in this thread
     for reader in readers:

@@ -59,7 +59,7 @@ def lose_socket_while_publishing(
     transport once its ``connection_lost`` has run (its socket is closed by then).
     """
     core = nats.cluster
-    loop = core._loop
+    loop = core._conn.loop
     assert loop is not None and core.nc is not None
     nc = core.nc
     entered, gate, finished = threading.Event(), threading.Event(), threading.Event()
@@ -216,7 +216,7 @@ def test_a_flush_racing_the_loss_of_the_socket_raises_only_documented_errors(
         nats.connect()
         nats.flush(5)
         core = nats.cluster
-        loop = core._loop
+        loop = core._conn.loop
         assert loop is not None
         outcome: list[BaseException | None] = []
         done = threading.Event()

@@ -1,8 +1,9 @@
 """A thread-safe, blocking facade over :class:`NatsCluster`.
 
 The facade keeps no life-cycle state of its own: it asks the core. What it does own is
-the loop thread the core runs on and, in a forked child, the knowledge that both still
-belong to the parent (``_forked``) until the child first uses the instance.
+the loop thread the core runs on (its blocking calls go through a :mod:`.portal`) and,
+in a forked child, the knowledge that both still belong to the parent (``_forked``)
+until the child first uses the instance (see :mod:`.forking`).
 
 An instance that is garbage-collected, or still open at interpreter exit, closes
 itself through a ``weakref.finalize`` hook: it drains what it holds (bounded), counts and
@@ -12,21 +13,19 @@ loop's thread, it hands that work to a thread of its own rather than hold up the
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, overload
 
 from .._core.cluster import NatsCluster
 from .._core.incoming import CONNECT
 from .._core.lifecycle import ClusterState
-from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
+from .._errors import ClusterTimeoutError, WrongThreadError
 from .._jetstream.handle import JetStream
 from .._message import Msg
 from .._receive.discovery import ServiceInstance, discover
@@ -38,14 +37,14 @@ from .._receive.serving import Handler, Workers, check_workers
 from .._receive.subscription import Subscription, open_subscription
 from .._send.acked import PubAck, check_msg_id
 from .._wire import check_timeout
+from . import forking
 from .closing import Holdings, shut_down
-from .loop import LoopThread, SharedLoop, keep_inherited
+from .loop import LoopThread, SharedLoop
+from .portal import Portal, refuse_loop_thread
 
 __all__ = ("SyncNatsCluster",)
 
-T = TypeVar("T")
 _AT_EXIT_TIMEOUT = 5.0
-_instances: weakref.WeakSet[SyncNatsCluster] = weakref.WeakSet()
 
 
 class SyncNatsCluster:
@@ -81,7 +80,7 @@ class SyncNatsCluster:
         self._dispatchers: list[Dispatcher] = []
         self._workers: list[threading.Thread] = []
         self._start()
-        _instances.add(self)
+        forking.track(self)
 
     def _start(self) -> None:
         """Run the core on a loop thread of this process, closed when the instance is
@@ -92,6 +91,7 @@ class SyncNatsCluster:
             else LoopThread(f"openfactory-nats-{self._args[0]}")
         )
         self._loop_ident = self._runner.thread.ident
+        self._portal = Portal(self._runner, self._core)
         # The lists are the instance's own (kept across a fork's renewal); the rest is
         # this core's.
         self._holdings = Holdings(self._core, self._dispatchers, self._workers)
@@ -157,7 +157,7 @@ class SyncNatsCluster:
         """
         wait = self._wait(timeout)
         core = self._enter()
-        self._call(core.connect(), wait, connecting=True)
+        self._portal.call(core.connect(), wait, connecting=True)
 
     @overload
     def publish(
@@ -220,8 +220,9 @@ class SyncNatsCluster:
         if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         wait = self._timeout if timeout is None else check_timeout(timeout)
-        if not self._core.offer(subject, payload, headers, wait):
-            self._publish_slow(subject, payload, wait, headers)
+        if not self._core.outgoing.offer(subject, payload, headers, wait):
+            self._enter()  # no client is open yet: connect, then queue, within *wait*
+            self._portal.connect_and_offer(subject, payload, headers, wait)
         return None
 
     def _publish_acked(
@@ -233,18 +234,7 @@ class SyncNatsCluster:
         if msg_id is not None:
             check_msg_id(msg_id)
         coro = core.publish(subject, payload, headers=headers, timeout=wait, ack=True, msg_id=msg_id)
-        return self._call(coro, wait + 1.0)
-
-    def _publish_slow(self, subject: object, payload: object, wait: float, headers: object) -> None:
-        """No client is open yet: validate, connect, then queue, all within *wait*."""
-        core = self._enter()
-        deadline = time.monotonic() + wait
-        core.prepare(subject, payload, headers)  # refuse bad input before connecting
-        while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            self._call(core.connect(), remaining, connecting=True)
-            if core.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
-                return
+        return self._portal.call(coro, wait + 1.0)
 
     def flush(self, timeout: float | None = None) -> None:
         """Block until everything queued before this call has reached the server
@@ -257,7 +247,7 @@ class SyncNatsCluster:
         wait = self._wait(timeout)
         core = self._enter()
         # The core keeps the deadline itself; the margin lets its clearer error through.
-        self._call(core.flush(wait), wait + 1.0)
+        self._portal.call(core.flush(wait), wait + 1.0)
 
     def close(self, timeout: float | None = None) -> None:
         """Drain (within *timeout* and ``drain_timeout``), close, stop the loop and join
@@ -330,16 +320,8 @@ class SyncNatsCluster:
 
     def _add(self, receiver: Receiver, wait: float) -> None:
         """Subscribe *receiver* on this cluster, within *wait* s (see :meth:`subscribe`)."""
-        core = self._enter()
-        try:
-            self._call(core.incoming.add_receiver(receiver, wait), wait + 1.0)
-        except BaseException:
-            coro = core.incoming.remove_receiver(receiver, drain=False)  # if it got that far
-            try:
-                self._runner.submit(coro)
-            except RuntimeError:
-                coro.close()
-            raise
+        self._enter()
+        self._portal.add(receiver, wait)
 
     def serve(
         self,
@@ -423,7 +405,7 @@ class SyncNatsCluster:
         while not core.incoming.offer_request(
             subject, reply.encode(), payload, None, max(0.0, deadline - time.monotonic())
         ):
-            self._call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
+            self._portal.call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
 
     def request(
         self,
@@ -460,10 +442,10 @@ class SyncNatsCluster:
                     waiter.wait(left)
                     step, left, waiter = life.send(None)
                 elif step == CONNECT:
-                    self._call(core.connect(), left, connecting=True)
+                    self._portal.call(core.connect(), left, connecting=True)
                     step, left, waiter = life.send(None)
                 else:  # REPLIES: bounded on its own, as it is shared by every first request
-                    step, left, waiter = life.send(self._call(core.incoming.ensure_replies(left), left + 1.0))
+                    step, left, waiter = life.send(self._portal.call(core.incoming.ensure_replies(left), left + 1.0))
         except StopIteration as end:
             reply: Msg = end.value
             return reply
@@ -488,13 +470,9 @@ class SyncNatsCluster:
     def _remove(self, receiver: Receiver, drain: bool, timeout: float) -> bool:
         """Unsubscribe *receiver* on the loop (nothing to do once the cluster closes);
         False when a drain ran out of time."""
-        if self._forked or self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
+        if self._forked:
             return True
-        self._check_thread()
-        try:
-            return self._call(self._core.incoming.remove_receiver(receiver, drain, timeout), timeout + 1.0)
-        except ClusterClosedError:
-            return True  # closing meanwhile: the close ends it
+        return self._portal.remove(receiver, drain, timeout)
 
     def _check_thread(self) -> None:
         self.thread_check()()
@@ -502,7 +480,7 @@ class SyncNatsCluster:
     def thread_check(self) -> Callable[[], None]:
         """A function that raises ``WrongThreadError`` on this cluster's event-loop thread
         (it holds the loop thread, not the instance)."""
-        return functools.partial(_refuse_loop_thread, self._runner, self.name)
+        return functools.partial(refuse_loop_thread, self._runner, self.name)
 
     # -- helpers -------------------------------------------------------------------
     def _wait(self, timeout: float | None) -> float:
@@ -516,31 +494,6 @@ class SyncNatsCluster:
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         self._core.check_open()
         return self._core
-
-    def _call(self, coro: Coroutine[Any, Any, T], timeout: float, *, connecting: bool = False) -> T:
-        try:
-            future = self._runner.submit(coro)
-        except RuntimeError:  # the loop is gone: the instance is closing
-            coro.close()
-            raise self._gone() from None
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            if future.done() and not future.cancelled():
-                return future.result(0)  # the coroutine's own outcome, a timeout of ours included
-            future.cancel()
-            if connecting:
-                raise self._core.connect_timeout_error(timeout) from None
-            raise ClusterTimeoutError(
-                f"cluster {self.name!r}: no answer within {timeout:g} s", cluster=self.name
-            ) from None
-        except concurrent.futures.CancelledError:
-            raise self._gone() from None  # the loop stopped under the call
-
-    def _gone(self) -> ClusterUnavailableError:
-        if self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED):
-            return ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name)
-        return ClusterUnavailableError(f"cluster {self.name!r}: its event loop stopped", cluster=self.name)
 
     def _after_fork_in_child(self) -> None:
         # Every lock a parent thread may have held at the fork is renewed: the child's
@@ -556,31 +509,9 @@ class SyncNatsCluster:
             if not self._forked:
                 return
             self._finalizer.detach()  # what the child inherited belongs to the parent
-            keep_inherited(self._runner, self._core)
-            inherited = len(self._core.incoming.sinks(internal=False))
-            if inherited:
-                self._core.logger.warning(
-                    "cluster %s: %d subscription(s) made by the parent process do not deliver in this "
-                    "forked child; subscribe again here",
-                    self.name,
-                    inherited,
-                )
-            closed = self._core.state in (ClusterState.CLOSING, ClusterState.CLOSED)
+            closed = forking.leave_to_parent(self._runner, self._core)
             self._core = NatsCluster(*self._args, **self._options)
             if closed:
                 self._core.begin_close()
             self._start()
             self._forked = False
-
-
-def _refuse_loop_thread(runner: LoopThread, name: str) -> None:
-    if runner.in_loop_thread():
-        raise WrongThreadError("This method cannot be called from the event loop thread", cluster=name)
-
-
-def _after_fork_in_child() -> None:
-    for instance in list(_instances):
-        instance._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -2,6 +2,8 @@
 
 Its life cycle (phases, who moves them, on which thread) is described and kept in
 :mod:`.lifecycle`; this module asks it and never keeps a state flag of its own.
+:class:`NatsCluster` is the public API and wires its parts: the nats-py client
+(:mod:`.connection`), the send side (:mod:`.outgoing`), the receive side (:mod:`.incoming`).
 """
 
 from __future__ import annotations
@@ -11,56 +13,29 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 
-import nats.errors
 from nats.aio.client import Client
 
-from .._aio import bounded, quiet
-from .._errors import (
-    BufferFullError,
-    ClusterClosedError,
-    ClusterTimeoutError,
-    ClusterUnavailableError,
-    ConnectTimeoutError,
-    InvalidMessageError,
-    InvalidTypeError,
-    WrongThreadError,
-)
+from .._errors import ClusterClosedError, ClusterUnavailableError, ConnectTimeoutError
 from .._jetstream.aio import AsyncJetStream
 from .._message import Msg
-from .._natsio import internals
-from .._natsio.client import CALLBACKS, describe, open_client
+from .._natsio.client import CALLBACKS
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
+from .._receive.receivers import Receivers
 from .._receive.subscription import AsyncCallback, AsyncSubscription
 from .._redact import redact_url
-from .._send.acked import MSG_ID_HEADER, PubAck, check_msg_id, new_msg_id, publish_acked
+from .._send.acked import PubAck
 from .._send.pump import Pump
 from .._stats import Stats
-from .._wire import (
-    SPLIT_PAYLOAD,
-    WireSubject,
-    build_frame,
-    check_timeout,
-    frame_size,
-    payload_bytes,
-    split_frame,
-)
+from .._wire import check_timeout
 from . import registry
+from .connection import Connection, check_settings
 from .incoming import Incoming
 from .lifecycle import ClusterState, Lifecycle, Phase
+from .outgoing import DEFAULT_ACK_TIMEOUT, Outgoing, uses_fast_path
 
 __all__ = ("DEFAULT_MAX_PENDING_BYTES", "NatsCluster")
 
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
-DEFAULT_ACK_TIMEOUT = 10.0
-_DEFAULT_MAX_PAYLOAD = 1024 * 1024
-_UNKNOWN_MAX_PAYLOAD = 64 * 1024 * 1024  # before the first connection: the protocol's limit
-_RESERVED = ("servers", "allow_reconnect", "max_reconnect_attempts", "pending_size")
-_LARGE = 64 * 1024  # payloads above this reserve their room before their frame is built
-_POLL = 0.01
-_OPEN = Phase.OPEN
-_warned_public_api = False
-
-Item = Any  # a frame (fast path) or a (subject, payload, headers, size, reply) tuple (public-API path)
 
 
 class NatsCluster:
@@ -95,40 +70,16 @@ class NatsCluster:
         replay_unconfirmed: bool = True,
         **options: Any,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise InvalidTypeError("name must be a non-empty str", cluster=None)
-        urls = [servers] if isinstance(servers, str) else list(servers)
-        if not urls or not all(isinstance(u, str) and u.strip() for u in urls):
-            raise InvalidMessageError(f"cluster {name!r}: servers must be non-empty URL strings", cluster=name)
-        if (
-            isinstance(max_pending_bytes, bool)
-            or not isinstance(max_pending_bytes, int)
-            or max_pending_bytes < 64 * 1024
-        ):
-            raise InvalidMessageError(f"cluster {name!r}: max_pending_bytes must be an int >= 65536", cluster=name)
-        for key in _RESERVED:
-            if key in options:
-                raise InvalidMessageError(f"cluster {name!r}: option {key!r} is managed by the library", cluster=name)
+        self.servers = check_settings(name, servers, max_pending_bytes, options)
         self.name = name
-        self.servers = [u.strip() for u in urls]
         self.logger = logger
         self.reconnect_time_wait = check_timeout(reconnect_time_wait, "reconnect_time_wait")
         self.connect_timeout = check_timeout(connect_timeout, "connect_timeout")
         self.drain_timeout = check_timeout(drain_timeout, "drain_timeout")
         self.max_pending_bytes = max_pending_bytes
-        self.nc: Client | None = None
-        self._lock = asyncio.Lock()
-        self._user_callbacks = {key: options.pop(key) for key in CALLBACKS if key in options}
-        self._options = options
-        websocket = any(url.startswith(("ws://", "wss://")) for url in self.servers)
-        self._fast = internals.supports_fast_path() and not websocket
-        if websocket:
-            # nats-py's websocket transport sends only from its own flusher.
-            logger.info("cluster %s: websocket servers: publishing through nats-py's public API", name)
-        elif not self._fast:
-            _warn_public_api(logger)
+        user_callbacks = {key: options.pop(key) for key in CALLBACKS if key in options}
+        self._fast = uses_fast_path(name, self.servers, logger)
         self._stats = Stats()
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._pump = Pump(
             name,
             logger,
@@ -141,8 +92,31 @@ class NatsCluster:
             still_wanted=lambda frame: self.incoming.still_wanted(frame),
         )
         self._life = Lifecycle(name, logger, on_close=self._refuse_new)
-        self._revive: asyncio.Task[None] | None = None
-        self._max_payload = _DEFAULT_MAX_PAYLOAD
+        self._receivers = Receivers(name, logger, self._fast)
+        self._conn = Connection(
+            self,
+            self._life,
+            self._pump,
+            self._stats,
+            self._receivers,
+            options=options,
+            user_callbacks=user_callbacks,
+            attached=self._attached,
+            lost=self._requests_lost,
+            fast=self._fast,
+        )
+        #: The send side: publishing and flushing (see :mod:`.outgoing`).
+        self.outgoing = Outgoing(
+            self,
+            self._life,
+            self._pump,
+            self._stats,
+            self._conn,
+            fast=self._fast,
+            attached=self._attached,
+            adopt_loop=self._conn.adopt_loop,
+            lost_error=self._lost_error,
+        )
         #: The receive side: subscriptions and requests (see :mod:`.incoming`).
         self.incoming = Incoming(
             name,
@@ -150,21 +124,18 @@ class NatsCluster:
             self._life,
             self._pump,
             self._stats,
+            self._receivers,
             fast=self._fast,
             connect_timeout=self.connect_timeout,
-            connect=self._connect,
+            connect=self._conn.connect,
             attached=self._attached,
-            adopt_loop=self._adopt_loop,
+            adopt_loop=self._conn.adopt_loop,
             on_loop=self._on_loop,
             lost_error=self._lost_error,
-            offer=self.offer,
-            prepare=self.prepare,
-            max_payload=lambda: self._max_payload,
+            offer=self.outgoing.offer,
+            prepare=self.outgoing.prepare,
+            max_payload=lambda: self._conn.max_payload,
         )
-        self._receivers = self.incoming.receivers
-        self._js: Any = None
-        self._close_task: asyncio.Task[None] | None = None
-        self._last_error: BaseException | None = None
         registry.track(self)  # weakly, for openfactory_nats.prometheus
 
     def __repr__(self) -> str:
@@ -173,9 +144,14 @@ class NatsCluster:
 
     # -- state ---------------------------------------------------------------------
     @property
+    def nc(self) -> Client | None:
+        """The nats-py client, once made (use it only on the event loop)."""
+        return self._conn.nc
+
+    @property
     def state(self) -> ClusterState:
         """The current :class:`ClusterState`."""
-        nc = self.nc
+        nc = self._conn.nc
         if nc is None:
             return self._life.state(False, False)
         return self._life.state(nc.is_connected, nc.is_reconnecting or nc.is_connecting)
@@ -195,7 +171,7 @@ class NatsCluster:
     @property
     def max_payload(self) -> int:
         """The server's ``max_payload`` (1 MiB until the first connection)."""
-        return self._max_payload
+        return self._conn.max_payload
 
     def jetstream(self) -> AsyncJetStream:
         """A JetStream handle bound to this cluster: the blocking
@@ -242,14 +218,7 @@ class NatsCluster:
         result = self._stats.snapshot()
         result["queued"] = len(self._pump.outbox)
         result["unsent_bytes"] = self._pump.in_flight
-        received, dropped, errors, discarded = self._receivers.counts()
-        result["received"] = received
-        result["receive_dropped"] = dropped
-        result["receive_malformed"] = self._receivers.malformed
-        result["callback_errors"] = errors
-        result["discarded"] = discarded
-        result["subscriptions"] = len(self._receivers)
-        result["late_replies"] = self.incoming.late_replies
+        self.incoming.add_counts(result)
         return result
 
     def _refuse_new(self) -> None:
@@ -260,42 +229,29 @@ class NatsCluster:
             ClusterClosedError(f"cluster {self.name!r} is closed", cluster=self.name), for_good=True
         )
 
+    def _requests_lost(self) -> None:
+        """The client is gone for good: end the requests waiting for a reply with it."""
+        self.incoming.fail_requests(self._lost_error("request"), for_good=False)
+
     def _attached(self) -> Client | None:
         """The client messages go to: the open one, or the one being drained."""
         phase = self._life.phase
-        return self.nc if phase is Phase.OPEN or phase is Phase.CLOSING else None
+        return self._conn.nc if phase is Phase.OPEN or phase is Phase.CLOSING else None
 
     def _on_loop(self) -> bool:
         """True on the event-loop thread this core runs on."""
-        return self._loop is not None and asyncio._get_running_loop() is self._loop
+        loop = self._conn.loop
+        return loop is not None and asyncio._get_running_loop() is loop
 
     def _wake(self) -> None:
         """Ask the loop to move queued messages into the client (any thread)."""
-        loop = self._loop
+        loop = self._conn.loop
         if loop is None or loop.is_closed():
             return
         try:
             loop.call_soon_threadsafe(self._pump.on_wake)
         except RuntimeError:
             pass  # the loop is closing; close() or the next loop takes over the outbox
-
-    def _adopt_loop(self) -> None:
-        """Bind to the running loop; after the previous loop ended (``asyncio.run`` per
-        call, as in the original's documentation), start afresh on this one and keep
-        what the old client never sent."""
-        loop = asyncio.get_running_loop()
-        previous = self._loop
-        if previous is loop:
-            return
-        if previous is not None and not previous.is_closed():
-            raise WrongThreadError(f"cluster {self.name!r} is bound to another running event loop", cluster=self.name)
-        if previous is not None:
-            nc, self.nc, self._js = self.nc, None, None
-            self._life.loop_ended()
-            self._pump.salvage(nc)
-            self._lock = asyncio.Lock()
-            self._close_task = None
-        self._loop = loop
 
     # -- connecting ----------------------------------------------------------------
     async def connect(self) -> None:
@@ -309,126 +265,12 @@ class NatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         """
         self._life.check_open()
-        self._adopt_loop()
-        await self._connect(self.connect_timeout)
-
-    async def _connect(self, timeout: float) -> None:
-        if self._life.accepting:
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            await asyncio.wait_for(self._lock.acquire(), timeout)
-        except TimeoutError:
-            raise self.connect_timeout_error(timeout) from None
-        try:
-            fallback = self._life.begin_connect()
-            if fallback is None:
-                return
-            try:
-                nc = await open_client(self, self._connect_options(), deadline)
-            except BaseException:
-                self._life.connect_failed(fallback)
-                raise
-            if self._life.closing:  # close() began while connecting, and may be over: leave no client
-                internals.abort_transport(nc)
-                await quiet(nc.close())
-                self._life.check_open()  # raises ClusterClosedError
-            self.nc = nc
-            self._js = None
-            self._max_payload = nc.max_payload or _DEFAULT_MAX_PAYLOAD
-            self._pump.attach(nc)
-            self._life.connected()  # raises ClusterClosedError if close() began meanwhile
-            self.logger.info("cluster %s: connected to %s", self.name, self._server_of(nc))
-            if self._receivers.any():
-                await self._receivers.attach_all(nc)
-        finally:
-            self._lock.release()
-        self._pump.on_wake()
-
-    def _connect_options(self) -> dict[str, Any]:
-        self._last_error = None
-        return {
-            "name": self.name,
-            "ping_interval": 10,
-            "flush_timeout": self.connect_timeout,
-            **self._options,
-            "servers": self.servers,
-            "reconnect_time_wait": self.reconnect_time_wait,
-            "connect_timeout": self.connect_timeout,
-            "allow_reconnect": True,
-            "max_reconnect_attempts": -1,
-            "pending_size": self.max_pending_bytes,
-        }
+        self._conn.adopt_loop()
+        await self._conn.connect(self.connect_timeout)
 
     def connect_timeout_error(self, timeout: float | None = None) -> ConnectTimeoutError:
         """The error for a connection not made within *timeout* s (``connect_timeout``)."""
-        servers = ", ".join(redact_url(u) for u in self.servers)
-        seconds = self.connect_timeout if timeout is None else timeout
-        last = f"; last error: {describe(self._last_error)}" if self._last_error is not None else ""
-        return ConnectTimeoutError(
-            f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s{last}", cluster=self.name
-        )
-
-    def _server_of(self, nc: Client) -> str:
-        url = nc.connected_url
-        return redact_url(url.geturl()) if url is not None else "?"
-
-    # -- events of the nats-py client (see _natsio.client) -----------------------------
-    def _client_error(self, nc: Client, exc: BaseException) -> None:
-        self._stats.add("errors")
-        self._last_error = exc
-        self._receivers.refused(nc, exc)
-        self.logger.warning("cluster %s: error: %s", self.name, describe(exc))
-        if nc is self._attached() and self._fast:
-            self._pump.watch_close(nc)  # the connection may be going: see that nats-py can move on
-
-    def _client_disconnected(self, nc: Client) -> None:
-        if nc is self.nc and self._life.accepting:  # not when our own close() ends it
-            self._stats.add("disconnects")
-            self.logger.warning("cluster %s: disconnected; buffering until reconnected", self.name)
-            self._pump.on_disconnected(nc)
-
-    def _client_reconnected(self, nc: Client) -> None:
-        self._stats.add("reconnects")
-        self._max_payload = nc.max_payload or self._max_payload
-        self.logger.info("cluster %s: reconnected to %s", self.name, self._server_of(nc))
-        if nc is self._attached():
-            self._pump.on_reconnected(nc)
-
-    def _client_closed(self, nc: Client) -> None:
-        if nc is self.nc and self._life.lost():
-            self._pump.lose_in_flight("nats-py closed the connection for good")
-            self.incoming.fail_requests(self._lost_error("request"), for_good=False)  # gone with the connection
-            if len(self._receivers):  # subscribers make no next call: come back by ourselves
-                self.logger.error("cluster %s: connection closed by the client; reconnecting", self.name)
-                self._revive = asyncio.get_running_loop().create_task(self._reconnect_receivers())
-            else:
-                self.logger.error("cluster %s: connection closed by the client; will reconnect on next use", self.name)
-
-    async def _reconnect_receivers(self) -> None:
-        """Connect again (backing off) while subscriptions wait for a client."""
-        while not self._life.closing and not self._life.accepting and len(self._receivers):
-            await asyncio.sleep(max(0.05, self.reconnect_time_wait))
-            try:
-                await self._connect(self.connect_timeout)  # subscribes them all again
-            except (ClusterUnavailableError, TimeoutError) as exc:
-                self.logger.warning("cluster %s: reconnecting for the subscriptions failed: %s", self.name, exc)
-
-    def _client_discovered(self, nc: Client) -> None:
-        found = [redact_url(s.geturl()) for s in nc.discovered_servers]
-        self.logger.info("cluster %s: discovered servers %s", self.name, found)
-
-    def _client_malformed(self, subject: bytes, exc: Exception) -> None:
-        self._receivers.on_malformed(subject, exc)
-
-    def _client_lame_duck(self, nc: Client) -> None:
-        self.logger.warning(
-            "cluster %s: server %s entered lame-duck mode; moving to another server", self.name, self._server_of(nc)
-        )
-        if nc is self.nc and self._life.accepting:
-            # Leave before the server closes the connection, so that nothing is cut off.
-            asyncio.get_running_loop().create_task(nc.force_reconnect())
+        return self._conn.connect_timeout_error(timeout)
 
     # -- publishing ----------------------------------------------------------------
     def prepare(self, subject: object, payload: object, headers: object, max_payload: int | None = None) -> int:
@@ -437,9 +279,7 @@ class NatsCluster:
         :param max_payload: the limit to check against (default: the server's, or the
             protocol's before the first connection).
         """
-        if max_payload is None:
-            max_payload = self._max_payload if self._life.ever_open else _UNKNOWN_MAX_PAYLOAD
-        return frame_size(subject, payload, headers, max_payload)
+        return self.outgoing.prepare(subject, payload, headers, max_payload)
 
     def offer(self, subject: object, payload: object, headers: object, timeout: float) -> bool:
         """Validate a message and queue it, from any thread, waiting up to *timeout* s
@@ -449,35 +289,7 @@ class NatsCluster:
         :raises BufferFullError: when the outgoing buffer stayed full for *timeout* s.
         :raises ClusterClosedError: once closing has started.
         """
-        if self._life.phase is not _OPEN:
-            self._life.check_open()
-            return False
-        outbox = self._pump.outbox
-        try:
-            if self._fast:
-                if type(payload) is not bytes:
-                    payload = payload_bytes(payload)  # copied once, here; TypeError if not bytes-like
-                size = len(payload)
-                if size < SPLIT_PAYLOAD:
-                    frame = build_frame(subject, payload, headers, self._max_payload)
-                    outbox.put(frame, len(frame), timeout)
-                    return True
-                if size > _LARGE:
-                    # Make room before building a large frame, so that nothing waits
-                    # outside the budget: the cap is on memory.
-                    outbox.reserve(frame_size(subject, payload, headers, self._max_payload), timeout)
-                # Not copied: the frame references the (immutable) payload.
-                large = split_frame(subject, payload, headers, self._max_payload)
-                outbox.put(large, large.size, timeout)
-            else:
-                frame = build_frame(subject, payload, headers, self._max_payload)  # validation only
-                copied = dict(headers) if isinstance(headers, Mapping) else None
-                name = subject.decode() if isinstance(subject, WireSubject) else subject
-                outbox.put((name, payload_bytes(payload), copied, len(frame), ""), len(frame), timeout)
-        except BufferFullError:
-            self._stats.add("refused")
-            raise
-        return True
+        return self.outgoing.offer(subject, payload, headers, timeout)
 
     @overload
     async def publish(
@@ -536,65 +348,21 @@ class NatsCluster:
         self._life.check_open()
         wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
         if ack:
-            self.prepare(subject, payload, headers)
-            return await self._publish_acked(subject, payload, headers, msg_id, wait)
-        self._adopt_loop()
+            self.outgoing.prepare(subject, payload, headers)
+            return await self.outgoing.publish_acked(subject, payload, headers, msg_id, wait)
+        self._conn.adopt_loop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        size = self.prepare(subject, payload, headers)
+        size = self.outgoing.prepare(subject, payload, headers)
         while True:
             if not self._life.accepting:
-                await self._connect(self.connect_timeout)
+                await self._conn.connect(self.connect_timeout)
             elif loop.time() >= deadline or self._pump.outbox.try_reserve(size):
-                if self.offer(subject, payload, headers, 0.0):  # refused (and counted) when still full
+                if self.outgoing.offer(subject, payload, headers, 0.0):  # refused (and counted) when still full
                     return None
             else:
                 self._pump.on_wake()
                 await asyncio.sleep(0.002)
-
-    async def _publish_acked(
-        self, subject: str, payload: bytes, headers: Mapping[str, str] | None, msg_id: str | None, wait: float
-    ) -> PubAck:
-        ident = new_msg_id() if msg_id is None else check_msg_id(msg_id)
-        self._adopt_loop()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        if not self._life.accepting:
-            await self._connect(min(self.connect_timeout, wait))
-        # The server counts the headers, ours included, against max_payload.
-        build_frame(subject, payload, {**(headers or {}), MSG_ID_HEADER: ident}, self._max_payload)
-        # What was queued before goes first, also during an outage: JetStream's request
-        # would otherwise wait in nats-py's reconnect buffer, ahead of our outbox.
-        await self._pump_before(self._pump.outbox.mark(), deadline, "acknowledged publish")
-
-        def jetstream() -> Any:
-            nc = self._attached()
-            if nc is None or not self._life.accepting:
-                return None
-            if self._js is None:
-                self._js = nc.jetstream()
-            return self._js
-
-        ack = await publish_acked(
-            self.name, jetstream, subject, payload_bytes(payload), headers, ident, max(0.0, deadline - loop.time())
-        )
-        self._stats.add("acked")
-        return ack
-
-    async def _pump_before(self, mark: int, deadline: float, what: str) -> None:
-        """Hand the client everything queued before *mark*, waiting for a reconnection
-        if need be, by *deadline*."""
-        loop = asyncio.get_running_loop()
-        while not await self._pump.pump_to(mark, deadline):
-            self._life.check_open()
-            if self._attached() is None:
-                raise self._lost_error(what)
-            if loop.time() >= deadline:
-                raise ClusterTimeoutError(
-                    f"cluster {self.name!r}: {what}: the messages queued before it could not be sent in time",
-                    cluster=self.name,
-                )
-            await asyncio.sleep(_POLL)
 
     def _lost_error(self, what: str) -> ClusterUnavailableError:
         return ClusterUnavailableError(f"cluster {self.name!r}: connection lost during {what}", cluster=self.name)
@@ -611,40 +379,7 @@ class NatsCluster:
         :raises ClusterUnavailableError: when the client gave up reconnecting meanwhile.
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         """
-        self._life.check_open()
-        wait = check_timeout(timeout)
-        self._adopt_loop()
-        await self._flush(wait)
-
-    async def _flush(self, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        if not self._life.accepting:
-            if not self._pump.pending_work() and self.nc is None:
-                return
-            await self._connect(min(self.connect_timeout, timeout))
-        mark = self._pump.outbox.mark()
-        rounds = 1 if self._fast else 2  # nats-py's own PING may overtake what it holds
-        while True:
-            self._life.check_open()
-            nc = self._attached()
-            if nc is None:
-                raise self._lost_error("flush")
-            if loop.time() >= deadline:
-                raise ClusterTimeoutError(
-                    f"cluster {self.name!r}: flush did not complete within {timeout:g} s", cluster=self.name
-                )
-            if nc.is_connected and await self._pump.pump_to(mark, deadline):
-                answered: bool | None = True
-                for _ in range(rounds):
-                    answered = await self._pump.ping(nc, deadline - loop.time())
-                    if not answered:
-                        break
-                if answered:
-                    self._pump.reconcile(nc)
-                    return
-                continue  # timed out (the loop raises) or lost: try again once reconnected
-            await asyncio.sleep(_POLL)
+        await self.outgoing.flush(timeout)
 
     # -- receiving (the work is done by self.incoming) ------------------------------
     async def subscribe(
@@ -723,71 +458,15 @@ class NatsCluster:
         if self._life.phase is Phase.CLOSED:
             return
         limit = self.drain_timeout if timeout is None else min(self.drain_timeout, check_timeout(timeout))
-        self._adopt_loop()
+        self._conn.adopt_loop()
         self._life.begin_close()
-        if self._close_task is None:
-            deadline = asyncio.get_running_loop().time() + limit
-            self._close_task = asyncio.get_running_loop().create_task(self._close(deadline))
-        await asyncio.shield(self._close_task)
+        await self._conn.close(limit, finish=self._closed)
 
-    async def _close(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        locked = False
-        try:
-            # A connection attempt in progress ends first (or runs out of time).
-            if self._lock.locked():
-                locked = await bounded(self._lock.acquire(), deadline - loop.time())
-            else:
-                locked = await self._lock.acquire()  # free: taken at once, whatever the deadline
-            if self.nc is None and self._pump.pending_work():
-                # Messages are still waiting (for instance from an event loop that ended):
-                # try to deliver them within the drain time.
-                try:
-                    self.nc = await open_client(self, self._connect_options(), deadline)
-                except (ClusterUnavailableError, TimeoutError) as exc:
-                    self.logger.error("cluster %s: could not connect to deliver at close: %s", self.name, exc)
-                else:
-                    self._pump.attach(self.nc)
-            if self.nc is not None and not self.nc.is_closed:
-                await self._drain(self.nc, deadline)
-        finally:
-            self._receivers.end_all(lambda receiver: receiver.sink.close(drain=True, timeout=0))
-            left = self._pump.shutdown()
-            if left:
-                self._pump.report_dropped(left, "closed before they could be sent")
-            self._life.closed()
-            if locked:
-                self._lock.release()
-            self.logger.info("cluster %s: closed (%s)", self.name, self.stats())
-
-    async def _drain(self, nc: Client, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        # Closing a reconnecting client throws its buffer away: give it the time to return.
-        # nats-py offers no event for this state change, hence the polling.
-        while (nc.is_reconnecting or nc.is_connecting) and loop.time() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        await self._pump.pump_to(self._pump.outbox.mark(), deadline)
-        drained = False
-        if nc.is_connected:
-            # Our own PING first: its PONG confirms every batch handed over (replay).
-            if await self._pump.ping(nc, deadline - loop.time()):
-                self._pump.reconcile(nc)
-            try:
-                drained = await bounded(nc.drain(), deadline - loop.time())
-            except (nats.errors.Error, OSError) as exc:
-                self.logger.warning("cluster %s: drain failed: %s", self.name, describe(exc))
-        if not drained:
-            self._pump.unconfirmed_at_close(nc)
-            if not await bounded(quiet(nc.close()), max(0.5, deadline - loop.time())):
-                internals.abort_transport(nc)
-
-
-def _warn_public_api(logger: logging.Logger) -> None:
-    global _warned_public_api
-    if not _warned_public_api:
-        _warned_public_api = True
-        logger.warning(
-            "openfactory-nats: using nats-py's public publish API (slower; no replay of unconfirmed "
-            "messages after a lost connection): the installed nats-py lacks the internals of the "
-            "batched path, or OPENFACTORY_NATS_PUBLIC_API is set"
-        )
+    def _closed(self) -> None:
+        """Closing is over, delivered or not: end the subscriptions, count what is left."""
+        self._receivers.end_all(lambda receiver: receiver.sink.close(drain=True, timeout=0))
+        left = self._pump.shutdown()
+        if left:
+            self._pump.report_dropped(left, "closed before they could be sent")
+        self._life.closed()
+        self.logger.info("cluster %s: closed (%s)", self.name, self.stats())

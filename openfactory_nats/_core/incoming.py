@@ -1,10 +1,11 @@
 """The receive side of :class:`~openfactory_nats.NatsCluster`: subscriptions and
 request/reply, kept apart from the connection's life cycle and the publishing path.
 
-:class:`Incoming` is one object per core. It owns the core's receivers (its
-subscriptions, :class:`~openfactory_nats._receive.receivers.Receivers`) and its reply
-inbox; what it needs of the core (the life cycle, the pump, the counters, connecting,
-queueing a message) is handed to it when it is made, and nothing else is read.
+:class:`Incoming` is one object per core. It keeps the core's receivers (its
+subscriptions, :class:`~openfactory_nats._receive.receivers.Receivers`, which the core's
+connection attaches to each new client) and owns its reply inbox; what it needs of the
+core (the life cycle, the pump, the counters, connecting, queueing a message) is handed
+to it when it is made, and nothing else is read.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Incoming:
         life: Lifecycle,
         pump: Pump,
         stats: Stats,
+        receivers: Receivers,
         *,
         fast: bool,
         connect_timeout: float,
@@ -108,7 +110,7 @@ class Incoming:
         self._prepare = prepare
         self._max_payload = max_payload
         #: The subscriptions of the core, the reply inbox's included.
-        self.receivers = Receivers(name, logger, fast)
+        self.receivers = receivers
         self._replies: Replies | None = None
         self._replies_task: asyncio.Task[None] | None = None
         self._replies_ready: Replies | None = None
@@ -117,6 +119,17 @@ class Incoming:
     def late_replies(self) -> int:
         """Replies that came after their requester had given up (dropped)."""
         return self._replies.late if self._replies is not None else 0
+
+    def add_counts(self, result: dict[str, int]) -> None:
+        """Add the receive side's counters and gauges to *result* (``NatsCluster.stats``)."""
+        received, dropped, errors, discarded = self.receivers.counts()
+        result["received"] = received
+        result["receive_dropped"] = dropped
+        result["receive_malformed"] = self.receivers.malformed
+        result["callback_errors"] = errors
+        result["discarded"] = discarded
+        result["subscriptions"] = len(self.receivers)
+        result["late_replies"] = self.late_replies
 
     def fail_requests(self, error: NatsClusterError, *, for_good: bool) -> None:
         """End the requests waiting for a reply with *error*: those waiting now (their

@@ -1,7 +1,7 @@
 """Making a nats-py client for a cluster, and turning its callbacks into events.
 
 nats-py reports what happens to a connection through ``async`` callbacks. Here they are
-wrapped so that the cluster sees plain method calls (``_client_error``,
+wrapped so that the core's connection sees plain method calls (``_client_error``,
 ``_client_disconnected``, ...), each told which client it concerns, and the callbacks the
 user passed are chained after the library's own.
 """
@@ -36,9 +36,9 @@ CALLBACKS = ("error_cb", "disconnected_cb", "reconnected_cb", "closed_cb", "disc
 
 
 class ClientOwner(Protocol):
-    """What a client's events are reported to: the core that owns the connection
-    (:class:`~openfactory_nats.NatsCluster`). Each event names the client it concerns,
-    so that a late event of a replaced client can be recognised and ignored."""
+    """What a client's events are reported to: the connection of a core
+    (``_core.connection.Connection``). Each event names the client it concerns, so that
+    a late event of a replaced client can be recognised and ignored."""
 
     @property
     def name(self) -> str: ...

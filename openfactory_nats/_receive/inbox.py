@@ -14,23 +14,16 @@ The loop thread must never wait for user code. :meth:`Inbox.offer` takes only a 
 internal lock that is never held while user code runs or while anyone waits, appends to a
 ``deque`` and wakes the consumer once per batch (an ``Event`` in pull mode, the
 dispatcher's run queue otherwise). What does not fit the limits is dropped and counted,
-and reported at WARNING at most once every :data:`DROP_REPORT_INTERVAL` seconds.
+and reported (see :mod:`.limits`).
 
 Who may take messages out: in pull mode, a reader holding the short lock; with a
 callback, only the worker holding the inbox's dispatcher token (see :mod:`.dispatcher`), so
 that worker needs no lock per message. Counters have one writer each, or are written
 under the lock, so none is lost to a race.
-
-Losses are counted apart: :attr:`Inbox.dropped` when the limits were full (the consumer
-is too slow; reported), :attr:`Inbox.discarded` when the subscription was closed
-(messages still pending on ``close(drain=False)``, left over after a drain ran out of
-time, or arriving after the close; those pending at the close are reported once, at
-WARNING when a drain ran out of time).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import threading
@@ -52,6 +45,8 @@ from .._message import Msg
 from .._stats import Tally
 from .._wire import check_timeout
 from .dispatcher import Dispatcher
+from .limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS, DROP_REPORT_INTERVAL, Losses, append_what_fits, check_limit
+from .readers import Readers
 
 __all__ = (
     "DEFAULT_MAX_BYTES",
@@ -62,10 +57,6 @@ __all__ = (
     "SubscriptionModeError",
 )
 
-DEFAULT_MAX_MSGS = 65536
-DEFAULT_MAX_BYTES = 64 * 1024 * 1024
-#: Seconds between two WARNING lines about dropped messages, per subscription.
-DROP_REPORT_INTERVAL = 5.0
 _size_of: Callable[[Msg], int] = attrgetter("_size")
 #: Messages the private thread of a subscription delivers between two looks at its queue.
 _OWN_THREAD_BATCH = 4096
@@ -78,14 +69,6 @@ class _State(enum.Enum):
 
 
 _OPEN, _DRAINING, _CLOSED = _State.OPEN, _State.DRAINING, _State.CLOSED
-
-
-def _check_limit(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidTypeError(f"{name} must be an int, not {type(value).__name__}")
-    if value < 1:
-        raise InvalidMessageError(f"{name} must be at least 1, not {value}")
-    return value
 
 
 class Inbox:
@@ -122,8 +105,8 @@ class Inbox:
     ) -> None:
         self.cluster = cluster
         self.subject = subject
-        self.max_msgs = _check_limit("max_msgs", max_msgs)
-        self.max_bytes = _check_limit("max_bytes", max_bytes)
+        self.max_msgs = check_limit("max_msgs", max_msgs)
+        self.max_bytes = check_limit("max_bytes", max_bytes)
         if callback is not None and not callable(callback):
             raise InvalidTypeError(f"callback must be callable, not {type(callback).__name__}")
         if dispatcher is not None and callback is None:
@@ -136,27 +119,14 @@ class Inbox:
         self._state = _OPEN
         self._items: deque[Msg] = deque()
         self._lock = threading.Lock()  # short: state changes, offers, pull reads; never held while waiting
-        # Pull mode: readers wait on this condition of the short lock (which waiting
-        # releases); an offer wakes as many readers as it brings messages, not all of them.
-        self._readable = threading.Condition(self._lock)
-        self._idle = 0  # pull mode: readers waiting for a message (under the lock)
-        self._spread: float | None = None  # see wake_lazily
-        self._spreading = False  # a look at the waiting messages is scheduled (under the lock)
+        self._readers = Readers(self._lock, self._items)  # pull mode: those waiting, and their waking
         self._done = threading.Event()  # set once nothing is or will be delivered any more
         self._token = threading.Lock()  # callback modes: held while queued on or run by a worker
         # Counters; the comment says who writes each.
         self._in_bytes = 0  # offer, under the lock
         self._out_bytes = 0  # the reader (under the lock) or the token holder
         self._delivered = 0  # likewise
-        self._errors = 0  # the token holder
-        self._dropped = 0  # offer, under the lock
-        self._reported = 0  # under the lock
-        self._refused = 0  # offer, under the lock
-        self._discarded = 0  # under the lock
-        self._tallies: tuple[Tally, ...] = ()  # where the counts above are added too: the clusters'
-        self._cut = False  # a drain ran out of time (under the lock)
-        self._discards_reported = False  # under the lock
-        self._next_report = 0.0  # offer
+        self._losses = Losses(cluster, subject, logger, self.max_msgs, self.max_bytes)  # and their counters
         self._owns_dispatcher = callback is not None and dispatcher is None
         if self._owns_dispatcher:
             dispatcher = Dispatcher(1, name=f"openfactory-nats-{cluster}-{subject}", batch=_OWN_THREAD_BATCH)
@@ -170,7 +140,7 @@ class Inbox:
         # child closing its inherited subscriptions would wait for it forever. The token
         # is only ever tried, never waited for.
         self._lock = threading.Lock()
-        self._readable = threading.Condition(self._lock)
+        self._readers.renew(self._lock)
         done = threading.Event()
         if self._done.is_set():
             done.set()
@@ -195,27 +165,23 @@ class Inbox:
     @property
     def dropped(self) -> int:
         """Messages dropped because the limits were reached (the consumer was too slow)."""
-        return self._dropped
+        return self._losses.dropped
 
     @property
     def discarded(self) -> int:
         """Messages thrown away because the subscription was closed."""
-        return self._discarded + self._refused
+        return self._losses.discarded + self._losses.refused
 
     @property
     def errors(self) -> int:
         """Callback calls that raised."""
-        return self._errors
+        return self._losses.errors
 
     def count_into(self, tally: Tally) -> None:
         """Add what this inbox drops, discards or sees raised from now on to *tally*
         (its cluster's): the totals of ``stats()`` outlive the subscription."""
         with self._lock:
-            self._tallies = (*self._tallies, tally)
-
-    def _tell(self, *, dropped: int = 0, errors: int = 0, discarded: int = 0) -> None:
-        for tally in self._tallies:
-            tally.add(dropped=dropped, errors=errors, discarded=discarded)
+            self._losses.tallies = (*self._losses.tallies, tally)
 
     @property
     def closed(self) -> bool:
@@ -237,8 +203,8 @@ class Inbox:
         items = self._items
         with self._lock:
             if self._state is not _OPEN:
-                self._refused += len(batch)
-                self._tell(discarded=len(batch))
+                self._losses.refused += len(batch)
+                self._losses.tell(discarded=len(batch))
                 return
             size = sum(map(_size_of, batch))
             if len(items) + len(batch) <= self.max_msgs and self._in_bytes - self._out_bytes + size <= self.max_bytes:
@@ -246,13 +212,15 @@ class Inbox:
                 self._in_bytes += size
                 dropped = 0
             else:
-                dropped = self._offer_some(batch)
-                self._dropped += dropped
-                self._tell(dropped=dropped)
-            if self._callback is None and items and self._idle:
-                self._wake_readers(len(batch))
+                free = self.max_bytes - (self._in_bytes - self._out_bytes)
+                taken, dropped = append_what_fits(items, batch, self.max_msgs - len(items), free)
+                self._in_bytes += taken
+                self._losses.dropped += dropped
+                self._losses.tell(dropped=dropped)
+            if self._callback is None and items and self._readers.idle:
+                self._readers.wake(len(batch))
         if dropped:
-            self._note_drops()
+            self._losses.note_drops(self._lock)
         if not items or self._callback is None:
             return
         if self._token.acquire(False):
@@ -264,73 +232,7 @@ class Inbox:
         one waiting reader, and more only when messages still wait *after* seconds later.
         When one reader keeps up, the others sleep on, instead of each waking (and taking
         the interpreter lock from the others) for a message that is gone already."""
-        self._spread = check_timeout(after, "after")
-
-    def _wake_readers(self, count: int) -> None:
-        """(Under the lock) Wake readers for *count* new messages."""
-        spread = self._spread
-        if spread is None or count == 1 or self._idle == 1:
-            self._readable.notify(count)
-            return
-        self._readable.notify(1)
-        if self._spreading:
-            return
-        try:
-            asyncio.get_running_loop().call_later(spread, self._spread_readers)
-        except RuntimeError:  # offered from outside an event loop: wake them all now
-            self._readable.notify(count - 1)
-            return
-        self._spreading = True
-
-    def _spread_readers(self) -> None:
-        """(The loop, *spread* s after an offer) Wake readers for the messages still waiting."""
-        with self._lock:
-            self._spreading = False
-            if self._items and self._idle:
-                self._readable.notify(len(self._items))
-
-    def _offer_some(self, batch: list[Msg]) -> int:
-        """Append the messages of *batch* that fit, each in turn; return how many did not."""
-        room = self.max_msgs - len(self._items)
-        free = self.max_bytes - (self._in_bytes - self._out_bytes)
-        append = self._items.append
-        taken = 0
-        dropped = 0
-        for msg in batch:
-            size = msg._size
-            if room and size <= free:
-                append(msg)
-                room -= 1
-                free -= size
-                taken += size
-            else:
-                dropped += 1
-        self._in_bytes += taken
-        return dropped
-
-    def _note_drops(self) -> None:
-        now = time.monotonic()
-        if now < self._next_report:
-            return
-        self._next_report = now + DROP_REPORT_INTERVAL
-        self._report_drops()
-
-    def _report_drops(self) -> None:
-        with self._lock:
-            total = self._dropped
-            count = total - self._reported
-            self._reported = total
-        if count:
-            self._logger.warning(
-                "cluster %r: subscription %r is too slow: %d message(s) dropped since the last report "
-                "(%d in all; limits %d messages, %d bytes)",
-                self.cluster,
-                self.subject,
-                count,
-                total,
-                self.max_msgs,
-                self.max_bytes,
-            )
+        self._readers.spread = check_timeout(after, "after")
 
     # -- pull mode ---------------------------------------------------------------------
     def next_msg(self, timeout: float | None = 1.0) -> Msg:
@@ -353,6 +255,7 @@ class Inbox:
             self._check_thread()
         limit = None if timeout is None else check_timeout(timeout)
         items = self._items
+        readers = self._readers
         deadline = None if limit is None else time.monotonic() + limit
         with self._lock:
             while True:
@@ -371,11 +274,11 @@ class Inbox:
                         f"cluster {self.cluster!r}: no message on {self.subject!r} within {limit:g} s",
                         cluster=self.cluster,
                     )
-                self._idle += 1
+                readers.idle += 1
                 try:
-                    self._readable.wait(remaining)
+                    readers.readable.wait(remaining)
                 finally:
-                    self._idle -= 1
+                    readers.idle -= 1
 
     def _take(self) -> Msg:
         """Pop the oldest message; the caller holds the lock and has seen one waiting."""
@@ -414,8 +317,8 @@ class Inbox:
             try:
                 callback(msg)
             except BaseException:  # SystemExit too: it would end a shared worker silently
-                self._errors += 1
-                self._tell(errors=1)
+                self._losses.errors += 1
+                self._losses.tell(errors=1)
                 self._logger.exception(
                     "cluster %r: the callback of subscription %r raised on a message to %r; delivery goes on",
                     self.cluster,
@@ -439,8 +342,8 @@ class Inbox:
         with self._lock:
             self._state = _CLOSED
             self._discard_pending()
-        self._report_drops()
-        self._report_discards()
+        self._losses.report_drops(self._lock)
+        self._losses.report_discards(self._lock)
         dispatcher = self._dispatcher
         if dispatcher is not None:
             dispatcher._detach(self)
@@ -455,32 +358,9 @@ class Inbox:
         count = len(items)
         while items:
             self._out_bytes += items.popleft()._size
-        self._discarded += count
+        self._losses.discarded += count
         if count:
-            self._tell(discarded=count)
-
-    def _report_discards(self) -> None:
-        """Log, once, the messages that were pending when the subscription ended."""
-        with self._lock:
-            if self._discards_reported or not self._discarded:
-                return
-            self._discards_reported = True
-            count, cut = self._discarded, self._cut
-        if cut:
-            self._logger.warning(
-                "cluster %r: subscription %r: %d received message(s) discarded, still pending when the "
-                "drain ran out of time",
-                self.cluster,
-                self.subject,
-                count,
-            )
-        else:
-            self._logger.info(
-                "cluster %r: subscription %r: %d received message(s) discarded, still pending when it was closed",
-                self.cluster,
-                self.subject,
-                count,
-            )
+            self._losses.tell(discarded=count)
 
     # -- closing -----------------------------------------------------------------------
     def _begin_close(self, drain: bool) -> None:
@@ -494,10 +374,10 @@ class Inbox:
                     self._discard_pending()
                 if not drain or not self._items:
                     self._done.set()
-                self._readable.notify_all()  # readers waiting see the close
+                self._readers.readable.notify_all()  # readers waiting see the close
         if self._callback is None:
-            self._report_drops()
-            self._report_discards()
+            self._losses.report_drops(self._lock)
+            self._losses.report_discards(self._lock)
         elif self._token.acquire(False):
             assert self._dispatcher is not None
             # Idle: nobody would look at the inbox again, so finish it or queue it to drain.
@@ -541,7 +421,7 @@ class Inbox:
         if not self._done.wait(limit):
             if drain:
                 with self._lock:
-                    self._cut = self._state is _DRAINING
+                    self._losses.cut = self._state is _DRAINING
                 self._begin_close(drain=False)  # out of time: discard the rest
             return False
         if self._owns_dispatcher:

@@ -21,7 +21,6 @@ is attached, which is None unless the cluster's life cycle says a client is open
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -29,18 +28,18 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from .._errors import map_nats_error
 from .._natsio import internals
 from .._natsio.pings import Ping, Pings
 from .._stats import Stats
 from .._wire import Frame
 from .outbox import Outbox
+from .public import item_size, pump_public
+from .transport import POLL_INTERVAL, feed, unsent_frames, watch_close
 
 AnyFrame = bytes | Frame
 
 __all__ = ("Pump",)
 
-_POLL_INTERVAL = 0.002
 _CONFIRM_INTERVAL = 0.01
 _MAX_CONFIRMING = 4
 _HIGH_WATER = 4 * 1024 * 1024  # most bytes handed to nats-py and not yet on the socket
@@ -129,21 +128,11 @@ class Pump:
         kept: list[AnyFrame] = []
         stuck = 0  # bytes of ours the transport still held: never sent
         if nc is not None and self.fast:
-            seen: set[int] = set()
             unconfirmed = [f for ping in self._confirming for batch in ping.batches for f in batch]
             unconfirmed += [f for batch in self._unconfirmed for f in batch]
-            # Frames are written to the transport directly, never left in nats-py's pending
-            # buffer. What reached the kernel goes out on the old socket anyway; only when
-            # the transport still held bytes can a written frame be missing (replay it then).
-            stuck = max(0, internals.buffered_bytes(nc) - internals.pending_bytes(nc))
             waiting = list(self._replay)  # never written since their connection was lost
             self._replay.clear()
-            for frame in waiting + (unconfirmed if self.replay and stuck else []):
-                if id(frame) not in seen:
-                    seen.add(id(frame))
-                    kept.append(frame)
-            with contextlib.suppress(Exception):
-                internals.abort_transport(nc)
+            kept, stuck = unsent_frames(nc, waiting, unconfirmed, self.replay)
         self._confirming.clear()
         self._unconfirmed, self._unconfirmed_bytes = [], 0
         self._replay.extendleft(reversed(kept))
@@ -179,7 +168,9 @@ class Pump:
             return
         if not self.fast:
             if self._public is None or self._public.done():
-                self._public = asyncio.get_running_loop().create_task(self._pump_public(nc))
+                self._public = asyncio.get_running_loop().create_task(
+                    pump_public(nc, self.outbox, self._client, self._late, self.stats, self.logger, self.cluster)
+                )
             return
         # Keep nats-py's buffer and the transport's small: what does not fit waits in
         # the outbox, budgeted, instead of being copied into the transport's buffer.
@@ -208,7 +199,9 @@ class Pump:
             self._write(nc, frames, nbytes)
             room = internals.write_room(nc, self.high_water)
         if (len(self.outbox) or self._replay) and (self._feeder is None or self._feeder.done()):
-            self._feeder = asyncio.get_running_loop().create_task(self._feed(nc))
+            self._feeder = asyncio.get_running_loop().create_task(
+                feed(nc, self.outbox, self._replay, self._client, self.on_wake, self.fast)
+            )
         self.reconcile(nc)
 
     def _feed_replay(self, nc: Client, room: int) -> int:
@@ -244,46 +237,6 @@ class Pump:
         if self._confirmer is None or self._confirmer.done():
             self._confirmer = asyncio.get_running_loop().create_task(self._confirm(nc))
 
-    async def _pump_public(self, nc: Client) -> None:
-        # Only while connected: during an outage messages wait in the outbox, within the
-        # budget, so that a full buffer is refused to the caller (BufferFullError) rather
-        # than dropped by nats-py's reconnect buffer after the caller saw success.
-        while len(self.outbox) and nc is self._client() and nc.is_connected:
-            item = self.outbox.take_upto(1, _item_size)[0][0]
-            subject, payload, headers, size, reply = item
-            try:
-                await nc.publish(subject, payload, reply=reply, headers=headers)
-            except asyncio.CancelledError:
-                self._late([item])  # the loop is shutting down under us
-                raise
-            except Exception as exc:
-                self.stats.add("dropped")
-                self.stats.add("dropped_bytes", len(payload))
-                error = map_nats_error(exc, self.cluster)
-                self.logger.error("cluster %s: message to %s dropped: %s", self.cluster, subject, error)
-            else:
-                self.stats.add("published")
-                self.stats.add("bytes", len(payload))
-            self.outbox.release(size)
-
-    async def _feed(self, nc: Client) -> None:
-        """Resume moving messages as the socket takes them (the transport's flow control
-        wakes it; no polling)."""
-        backlog = -1
-        while (len(self.outbox) or self._replay) and nc is self._client() and nc.is_connected:
-            if self.fast and internals.transport_closing(nc):
-                return  # the socket is gone; on_reconnected resumes the feeding
-            await asyncio.sleep(0)  # let nats-py's flusher write what it holds
-            try:
-                await internals.wait_writable(nc)
-            except Exception:
-                return  # the connection is going; on_reconnected resumes the feeding
-            held = internals.buffered_bytes(nc)
-            if held and held == backlog:  # the socket took nothing since: don't spin
-                await asyncio.sleep(_POLL_INTERVAL)
-            backlog = held
-            self.on_wake()
-
     def watch_close(self, nc: Client) -> None:
         """(The connection is going.) nats-py, before reconnecting, closes the transport
         and waits until it has written what it holds: into a peer that stopped reading (a
@@ -291,24 +244,9 @@ class Pump:
         What a closing transport holds is replayed or counted as lost in any case: once it
         stops draining, drop it."""
         if self._closer is None or self._closer.done():
-            self._closer = asyncio.get_running_loop().create_task(self._watch_close(nc))
-
-    async def _watch_close(self, nc: Client) -> None:
-        held = -1
-        for _ in range(100):  # up to 5 s: nats-py moves on, or it is stuck
-            await asyncio.sleep(0.05)
-            if nc is not self._client() or nc.is_closed or nc.is_connected:
-                return
-            stuck = internals.stuck_bytes(nc)
-            if stuck and stuck == held:
-                self.logger.warning(
-                    "cluster %s: the lost connection's socket took nothing for 50 ms; dropping the %d bytes it held",
-                    self.cluster,
-                    stuck,
-                )
-                internals.drop_transport(nc)
-                return
-            held = stuck
+            self._closer = asyncio.get_running_loop().create_task(
+                watch_close(nc, self._client, self.logger, self.cluster)
+            )
 
     def reconcile(self, nc: Client) -> None:
         """Give back the budget of bytes that left the process (with replay: that the
@@ -320,7 +258,7 @@ class Pump:
                 self.outbox.release(self.in_flight - held)
                 self.in_flight = held
         if self.outbox.waiters and self._poll_handle is None:
-            self._poll_handle = asyncio.get_running_loop().call_later(_POLL_INTERVAL, self._poll)
+            self._poll_handle = asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll)
 
     def _poll(self) -> None:
         self._poll_handle = None
@@ -337,7 +275,7 @@ class Pump:
             self.on_wake()
             if self.outbox.taken >= mark and not self._replay:
                 break
-            await asyncio.sleep(_POLL_INTERVAL)
+            await asyncio.sleep(POLL_INTERVAL)
         if not self.fast:  # the public path hands over one message at a time, in a task
             while self._public is not None and not self._public.done() and loop.time() < deadline:
                 await asyncio.wait({self._public}, timeout=max(0.0, deadline - loop.time()))
@@ -464,7 +402,7 @@ class Pump:
     def report_dropped(self, items: list[Any], why: str) -> None:
         """Messages that will never reach a client: count and log them."""
         self.stats.add("dropped", len(items))
-        self.stats.add("dropped_bytes", sum(map(_item_size, items)))
+        self.stats.add("dropped_bytes", sum(map(item_size, items)))
         self.logger.error("cluster %s: %d messages dropped: %s", self.cluster, len(items), why)
 
     def unconfirmed_at_close(self, nc: Client) -> None:
@@ -512,7 +450,3 @@ class Pump:
         left: list[Any] = list(self._replay) + self.outbox.seal()
         self._replay.clear()
         return left
-
-
-def _item_size(item: Any) -> int:
-    return len(item) if isinstance(item, bytes | Frame) else int(item[3])
