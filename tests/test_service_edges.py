@@ -3,9 +3,16 @@ discovery replies, stop racing close."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from typing import Any
+
+import nats
 import pytest
 
 from openfactory_nats import InvalidMessageError, SyncNatsCluster
+
+from .servers import NatsServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -14,3 +21,29 @@ def test_a_version_with_non_ascii_digits_is_refused(service: SyncNatsCluster) ->
     for version in ("1\u0663.0.0", "1.0.0-\u0663a", "1.0.0+\u0663"):
         with pytest.raises(InvalidMessageError):
             service.service("v", version)
+
+
+def test_discovery_ignores_a_deeply_nested_reply(server: NatsServer, client: SyncNatsCluster) -> None:
+    ready = threading.Event()
+    done = threading.Event()
+
+    async def hostile() -> None:
+        nc = await nats.connect(server.url)
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(b"[" * 200_000)
+
+        await nc.subscribe("$SRV.PING.evil", cb=answer)
+        await nc.flush()
+        ready.set()
+        await asyncio.get_running_loop().run_in_executor(None, done.wait)
+        await nc.close()
+
+    side = threading.Thread(target=asyncio.run, args=(hostile(),), daemon=True)
+    side.start()
+    try:
+        assert ready.wait(10)
+        assert client.discover("evil", timeout=0.5) == []
+    finally:
+        done.set()
+        side.join(10)

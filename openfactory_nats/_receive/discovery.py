@@ -230,7 +230,7 @@ def discover(host: Host, name: str | None, timeout: float, logger: logging.Logge
 def _response(msg: Msg) -> dict[str, Any] | None:
     try:
         response = json.loads(msg.data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: too deeply nested
         return None
     if not isinstance(response, dict) or not isinstance(response.get("id"), str):
         return None
