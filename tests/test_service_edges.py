@@ -10,7 +10,7 @@ from typing import Any
 import nats
 import pytest
 
-from openfactory_nats import InvalidMessageError, SyncNatsCluster
+from openfactory_nats import InvalidMessageError, InvalidTypeError, SyncNatsCluster
 
 from .servers import NatsServer
 
@@ -47,3 +47,10 @@ def test_discovery_ignores_a_deeply_nested_reply(server: NatsServer, client: Syn
     finally:
         done.set()
         side.join(10)
+
+
+def test_a_nested_group_s_name_is_checked_for_its_type(service: SyncNatsCluster) -> None:
+    group = service.service("g", "1.0.0").group("cmd")
+    for name in (5, None, b"x"):
+        with pytest.raises(InvalidTypeError):
+            group.group(name)  # type: ignore[arg-type]

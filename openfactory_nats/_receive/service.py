@@ -113,6 +113,8 @@ class ServiceGroup:
 
     def group(self, name: str, *, queue_group: str | None = None) -> ServiceGroup:
         """A group inside this one: its prefix is ``<prefix>.<name>``."""
+        if not isinstance(name, str):  # an f-string would take anything
+            raise InvalidTypeError(f"a group's name must be a str, not {type(name).__name__}")
         return ServiceGroup(self.service, _check_prefix(f"{self.prefix}.{name}"), queue_group or self.queue_group)
 
 
