@@ -10,7 +10,7 @@ from typing import Any
 import nats
 import pytest
 
-from openfactory_nats import InvalidMessageError, InvalidTypeError, SyncNatsCluster
+from openfactory_nats import InvalidMessageError, InvalidTypeError, ServiceError, SyncNatsCluster
 
 from .servers import NatsServer
 
@@ -54,3 +54,15 @@ def test_a_nested_group_s_name_is_checked_for_its_type(service: SyncNatsCluster)
     for name in (5, None, b"x"):
         with pytest.raises(InvalidTypeError):
             group.group(name)  # type: ignore[arg-type]
+
+
+def test_a_service_error_without_a_code_keeps_its_text(service: SyncNatsCluster, client: SyncNatsCluster) -> None:
+    def handler(msg: object) -> bytes:
+        raise ServiceError("no such asset")
+
+    svc = service.service("txt", "1.0.0")
+    svc.endpoint("txt", handler)
+    with pytest.raises(ServiceError) as failed:
+        client.request("txt", timeout=5)
+    assert failed.value.code == 500 and failed.value.description == "no such asset"
+    assert svc.stats()["endpoints"][0]["last_error"] == "500:no such asset"
