@@ -51,11 +51,20 @@ __all__ = ("DEFAULT_QUEUE_GROUP", "Endpoint", "Host", "Service", "ServiceGroup")
 DEFAULT_QUEUE_GROUP = "q"
 
 
+class Validator(Protocol):
+    """What checks a message as the publish path does (:class:`~openfactory_nats.NatsCluster`)."""
+
+    def prepare(self, subject: object, payload: object, headers: object) -> int: ...
+
+
 class Host(Protocol):
     """The blocking cluster a service runs on (:class:`~openfactory_nats.SyncNatsCluster`)."""
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def cluster(self) -> Validator: ...
 
     def subscribe(
         self,
@@ -237,7 +246,16 @@ class Service:
     ) -> Endpoint:
         subject = validate_filter(subject)
         validate_filter(queue_group)
-        made = Endpoint(self.name, self.logger, name, handler, subject, queue_group, check_metadata(metadata))
+        made = Endpoint(
+            self.name,
+            self.logger,
+            name,
+            handler,
+            subject,
+            queue_group,
+            check_metadata(metadata),
+            self._host.cluster.prepare,
+        )
         check_workers(handler, workers)
         with self._lock:  # held while subscribing: a stop() waits for it
             if self._stopped:
