@@ -6,14 +6,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from typing import Any
 
 import nats
 import pytest
 
-from openfactory_nats import InvalidMessageError, InvalidTypeError, Service, ServiceError, SyncNatsCluster
+from openfactory_nats import (
+    ClusterState,
+    ClusterUnavailableError,
+    InvalidMessageError,
+    InvalidTypeError,
+    Service,
+    ServiceError,
+    SyncNatsCluster,
+)
 
-from .servers import NatsServer
+from .servers import NatsServer, TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,3 +109,24 @@ def test_stop_racing_close_from_another_thread(server: NatsServer, logger: loggi
         stopper.join(10)
         assert not stopper.is_alive() and errors == []
         assert not svc.running
+
+
+def test_stop_during_a_disconnection_raises_unavailable_and_ends_the_service(
+    server: NatsServer, proxy: TcpProxy, logger: logging.Logger
+) -> None:
+    with SyncNatsCluster("cut", [proxy.url], logger) as nats_, SyncNatsCluster("seer", [server.url], logger) as seer:
+        svc = nats_.service("cut", "1.0.0")
+        svc.endpoint("a", lambda msg: b"a", workers=2)
+        assert [i.id for i in seer.discover("cut", timeout=0.5)] == [svc.id]
+        proxy.cut()
+        deadline = time.monotonic() + 10
+        while nats_.state is not ClusterState.RECONNECTING and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(ClusterUnavailableError):
+            svc.stop(0.5)
+        assert not svc.running
+        proxy.restore()
+        deadline = time.monotonic() + 10
+        while not nats_.is_connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seer.discover("cut", timeout=0.5) == []

@@ -307,6 +307,9 @@ class Service:
 
         :raises ClusterTimeoutError: when requests were still being handled after
             *timeout* s (their handlers go on; their replies are still sent).
+        :raises ClusterUnavailableError: when the connection was lost and not back
+            within *timeout* s (the service is stopped all the same; what the server
+            had sent meanwhile is not received).
         :raises WrongThreadError: on the event-loop thread.
         """
         wait = check_timeout(timeout)
