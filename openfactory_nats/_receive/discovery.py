@@ -53,7 +53,8 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SEMVER = re.compile(
     r"(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?",
+    re.ASCII,  # \d is 0-9 only, as in every other client's check
 )
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -229,7 +230,7 @@ def discover(host: Host, name: str | None, timeout: float, logger: logging.Logge
 def _response(msg: Msg) -> dict[str, Any] | None:
     try:
         response = json.loads(msg.data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: too deeply nested
         return None
     if not isinstance(response, dict) or not isinstance(response.get("id"), str):
         return None

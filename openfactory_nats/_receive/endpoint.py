@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._errors import ServiceError
 from .._message import Msg
-from .._wire import encode_headers
 from .replies import SERVICE_ERROR, error_headers
 from .serving import Handler, reply_of
 from .subscription import Subscription
@@ -33,6 +32,7 @@ class Endpoint:
         subject: str,
         queue_group: str,
         metadata: dict[str, str],
+        check: Callable[[str, bytes, Mapping[str, str] | None], object],
     ) -> None:
         #: The name of the service it belongs to.
         self.service = service
@@ -42,6 +42,8 @@ class Endpoint:
         self.queue_group = queue_group
         self.metadata = metadata
         self._handler = handler
+        #: Validates a reply as the publish path will (raises what it would raise).
+        self._check = check
         self._lock = threading.Lock()
         self._requests = 0
         self._errors = 0
@@ -58,8 +60,8 @@ class Endpoint:
         started = time.perf_counter_ns()
         try:
             data, headers = reply_of(self._handler(msg))
-            if headers is not None:
-                encode_headers(headers)  # one that cannot be sent is the handler's error
+            # A reply that cannot be sent (bad headers, over max_payload) is the handler's error.
+            self._check(msg.reply or msg.subject, data, headers)
         except ServiceError as exc:
             answer = error_headers(exc)
             self._count(started, f"{exc.code}:{answer[SERVICE_ERROR]}")

@@ -270,7 +270,8 @@ def error_headers(exc: BaseException) -> Mapping[str, str]:
     :class:`ServiceError`'s own code and description, else 500 and the exception."""
     if isinstance(exc, ServiceError):
         code = exc.code if isinstance(exc.code, int) and not isinstance(exc.code, bool) else 500
-        return {SERVICE_ERROR: _header_text(str(exc.description)), SERVICE_ERROR_CODE: str(code)}
+        text = str(exc.description) or str(exc)  # ServiceError("text") has no description
+        return {SERVICE_ERROR: _header_text(text), SERVICE_ERROR_CODE: str(code)}
     return {SERVICE_ERROR: _header_text(f"{type(exc).__name__}: {exc}"), SERVICE_ERROR_CODE: "500"}
 
 

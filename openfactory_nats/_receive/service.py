@@ -51,11 +51,20 @@ __all__ = ("DEFAULT_QUEUE_GROUP", "Endpoint", "Host", "Service", "ServiceGroup")
 DEFAULT_QUEUE_GROUP = "q"
 
 
+class Validator(Protocol):
+    """What checks a message as the publish path does (:class:`~openfactory_nats.NatsCluster`)."""
+
+    def prepare(self, subject: object, payload: object, headers: object) -> int: ...
+
+
 class Host(Protocol):
     """The blocking cluster a service runs on (:class:`~openfactory_nats.SyncNatsCluster`)."""
 
     @property
     def name(self) -> str: ...
+
+    @property
+    def cluster(self) -> Validator: ...
 
     def subscribe(
         self,
@@ -113,6 +122,8 @@ class ServiceGroup:
 
     def group(self, name: str, *, queue_group: str | None = None) -> ServiceGroup:
         """A group inside this one: its prefix is ``<prefix>.<name>``."""
+        if not isinstance(name, str):  # an f-string would take anything
+            raise InvalidTypeError(f"a group's name must be a str, not {type(name).__name__}")
         return ServiceGroup(self.service, _check_prefix(f"{self.prefix}.{name}"), queue_group or self.queue_group)
 
 
@@ -235,7 +246,16 @@ class Service:
     ) -> Endpoint:
         subject = validate_filter(subject)
         validate_filter(queue_group)
-        made = Endpoint(self.name, self.logger, name, handler, subject, queue_group, check_metadata(metadata))
+        made = Endpoint(
+            self.name,
+            self.logger,
+            name,
+            handler,
+            subject,
+            queue_group,
+            check_metadata(metadata),
+            self._host.cluster.prepare,
+        )
         check_workers(handler, workers)
         with self._lock:  # held while subscribing: a stop() waits for it
             if self._stopped:
@@ -287,6 +307,9 @@ class Service:
 
         :raises ClusterTimeoutError: when requests were still being handled after
             *timeout* s (their handlers go on; their replies are still sent).
+        :raises ClusterUnavailableError: when the connection was lost and not back
+            within *timeout* s (the service is stopped all the same; what the server
+            had sent meanwhile is not received).
         :raises WrongThreadError: on the event-loop thread.
         """
         wait = check_timeout(timeout)
