@@ -250,20 +250,22 @@ def test_stopping_a_pool_while_its_workers_fetch_strands_no_message(js: JetStrea
     """Workers with quick handlers are always fetching; stop() may not leave a message
     delivered to this process and neither handled nor given back (it would wait for the
     ack wait, 30 s here, before anyone got it)."""
-    n = 400
+    n = 1000
     fill(peer, js, n)
     handled: list[int] = []
     lock = threading.Lock()
 
     def handler(msg: JsMsg) -> None:
+        time.sleep(0.002)
         with lock:
             handled.append(int(msg.data))
 
     for _ in range(3):
+        goal = len(handled) + 30
         consumer = js.consume("work.>", handler, "quick", workers=4)
-        goal = len(handled) + 40
         assert wait_until(lambda g=goal: len(handled) >= g, timeout=10)  # type: ignore[misc]
         consumer.stop(5)
+    assert len(handled) < n
     info = peer.consumer_info("WORK", "quick")
     rest = peer.fetch("work.>", "quick", "WORK", batch=n, timeout=2)
     assert sorted(handled + [int(m.data) for m in rest]) == list(range(n)), (
