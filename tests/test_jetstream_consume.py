@@ -15,16 +15,12 @@ import nats.js.errors
 import pytest
 
 from openfactory_nats import (
-    ClusterClosedError,
     ClusterTimeoutError,
-    InvalidMessageError,
-    InvalidTypeError,
     SyncNatsCluster,
 )
 from openfactory_nats._errors import (
     ConsumerNotFoundError,
     JetStreamError,
-    MsgAlreadyAckedError,
     StreamNotFoundError,
 )
 from openfactory_nats._jetstream.handle import JetStream
@@ -360,155 +356,6 @@ def test_a_lingering_fetch_gets_a_message_published_while_it_waits(js: JetStream
     [msg] = sub.fetch(10, 5)
     assert msg.data == b"7"
     msg.ack()
-
-
-# -- errors ----------------------------------------------------------------------------
-
-
-@pytest.mark.timeout(20)
-def test_a_missing_stream_raises_stream_not_found_at_once(js: JetStream) -> None:
-    for kwargs in ({}, {"stream": "NOPE"}):
-        started = time.monotonic()
-        with pytest.raises(StreamNotFoundError):
-            js.pull_subscribe("nowhere.>", "d", timeout=8, **kwargs)
-        assert time.monotonic() - started < 4
-    with pytest.raises(StreamNotFoundError):
-        js.stream_info("NOPE")
-
-
-@pytest.mark.timeout(20)
-def test_a_deleted_consumer_makes_fetch_raise_consumer_not_found_at_once(js: JetStream, peer: Peer) -> None:
-    fill(peer, js, 0)
-    sub = js.pull_subscribe("orders.>", "gone")
-    peer.run(peer.js.delete_consumer("ORDERS", "gone"))
-    started = time.monotonic()
-    with pytest.raises(ConsumerNotFoundError):
-        sub.fetch(1, 8)
-    assert time.monotonic() - started < 4
-
-
-@pytest.mark.timeout(20)
-def test_a_consumer_deleted_during_a_lingering_fetch_ends_it_with_consumer_not_found(js: JetStream, peer: Peer) -> None:
-    fill(peer, js, 0)
-    sub = js.pull_subscribe("orders.>", "dying")
-    outcome: list[Any] = []
-
-    def fetch() -> None:
-        started = time.monotonic()
-        try:
-            outcome.append(sub.fetch(1, 8))
-        except JetStreamError as exc:
-            outcome.append(exc)
-        outcome.append(time.monotonic() - started)
-
-    t = threading.Thread(target=fetch)
-    t.start()
-    time.sleep(0.5)
-    peer.run(peer.js.delete_consumer("ORDERS", "dying"))
-    t.join(15)
-    assert isinstance(outcome[0], ConsumerNotFoundError), outcome
-    assert outcome[1] < 5
-
-
-@pytest.mark.timeout(20)
-def test_a_deleted_stream_makes_fetch_raise_at_once(js: JetStream, peer: Peer) -> None:
-    fill(peer, js, 1)
-    sub = js.pull_subscribe("orders.>", "orphan")
-    js.delete_stream("ORDERS")
-    started = time.monotonic()
-    with pytest.raises((StreamNotFoundError, ConsumerNotFoundError)):
-        sub.fetch(1, 8)
-    assert time.monotonic() - started < 4
-
-
-def _bad_calls(js: JetStream, sub: Any) -> list[tuple[type[Exception], Any]]:
-    def handler(msg: JsMsg) -> None:
-        pass
-
-    return [
-        (InvalidMessageError, lambda: sub.fetch(0, 1)),
-        (InvalidTypeError, lambda: sub.fetch("x", 1)),
-        (InvalidMessageError, lambda: sub.fetch(1, -1)),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "bad.name")),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "bad name")),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "")),
-        (InvalidTypeError, lambda: js.pull_subscribe("orders.>", 7)),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "d", deliver_policy="sometimes")),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "d", deliver_policy="by_start_sequence")),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "d", ack_wait=-1)),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "d", ack_wait=0)),
-        (InvalidTypeError, lambda: js.pull_subscribe("orders.>", "d", ack_wait="1")),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders.>", "d", max_deliver=0)),
-        (InvalidMessageError, lambda: js.pull_subscribe("orders..x", "d")),
-        (InvalidTypeError, lambda: js.consume("orders.>", "not callable", "d")),  # type: ignore[arg-type]
-        (InvalidMessageError, lambda: js.consume("orders.>", handler, "d", workers=0)),
-        (InvalidMessageError, lambda: js.add_stream("BAD.NAME", ["bad.>"])),
-        (InvalidMessageError, lambda: js.add_stream("BAD", ["bad.>"], storage="tape")),
-        (InvalidTypeError, lambda: js.add_stream("BAD", "bad.>")),  # type: ignore[arg-type]
-        (InvalidMessageError, lambda: js.add_stream("BAD", ["bad.>"], max_age=-5)),
-        (InvalidMessageError, lambda: js.stream_info("a b")),
-    ]
-
-
-@pytest.mark.timeout(30)
-def test_bad_arguments_raise_in_the_caller_and_leave_the_cluster_working(
-    js: JetStream, peer: Peer, nc: SyncNatsCluster
-) -> None:
-    fill(peer, js, 3)
-    sub = js.pull_subscribe("orders.>", "good")
-    for kind, call in _bad_calls(js, sub):
-        with pytest.raises(kind):
-            call()
-    [msg] = sub.fetch(1, 2)
-    with pytest.raises(InvalidMessageError):
-        msg.nak(delay=-1)
-    assert not msg.acked  # a refused nak did not use the message's one acknowledgement
-    msg.ack_sync(5)
-    assert [m.data for m in sub.fetch(2, 2)] == [b"1", b"2"]
-    assert [c.name for c in peer.run(peer.js.consumers_info("ORDERS"))] == ["good"]  # nothing half-made
-    with pytest.raises(nats.js.errors.NotFoundError):
-        peer.stream_info("BAD")
-    assert nc.request("$JS.API.INFO", b"", 5).data  # the connection is fine
-
-
-@pytest.mark.timeout(20)
-def test_acknowledging_twice_raises_msg_already_acked(js: JetStream, peer: Peer) -> None:
-    fill(peer, js, 3)
-    sub = js.pull_subscribe("orders.>", "twice")
-    acked, naked, termed = sub.fetch(3, 2)
-    acked.ack()
-    naked.nak()
-    termed.term()
-    for msg in (acked, naked, termed):
-        assert msg.acked
-        for second in (msg.ack, msg.nak, msg.term, msg.in_progress, lambda m=msg: m.ack_sync(1)):
-            with pytest.raises(MsgAlreadyAckedError):
-                second()
-    [synced] = sub.fetch(1, 2)  # the naked one, again
-    synced.ack_sync(5)
-    with pytest.raises(MsgAlreadyAckedError):
-        synced.ack()
-
-
-@pytest.mark.timeout(30)
-def test_acking_after_close_raises_cluster_closed_counts_it_and_the_message_comes_back(
-    jetstream_server: NatsServer, peer: Peer, logger: logging.Logger
-) -> None:
-    cluster = SyncNatsCluster("JS", [jetstream_server.url], logger, reconnect_time_wait=0.1)
-    js = cluster.jetstream()
-    fill(peer, js, 1)
-    sub = js.pull_subscribe("orders.>", "closed", ack_wait=1)
-    [msg] = sub.fetch(1, 2)
-    cluster.close()
-    with pytest.raises(ClusterClosedError):
-        msg.ack()
-    with pytest.raises(ClusterClosedError):
-        msg.ack_sync(1)
-    assert not msg.acked
-    assert cluster.stats()["js_ack_errors"] == 2
-    [again] = peer.fetch("orders.>", "closed", "ORDERS", timeout=5)  # the server redelivers it
-    assert again.data == b"0" and again.metadata.num_delivered == 2
-    peer.ack([again])
 
 
 # -- metadata --------------------------------------------------------------------------
