@@ -313,13 +313,17 @@ def test_stop_from_a_handler_does_not_deadlock(js: JetStream, peer: Peer) -> Non
     returned = threading.Event()
     handled: list[int] = []
 
+    made = threading.Event()
+
     def handler(msg: JsMsg) -> None:
+        made.wait(5)  # consume() starts the workers before it returns the pool
         handled.append(int(msg.data))
         if int(msg.data) == 4:
             box[0].stop(3)
             returned.set()
 
     box.append(js.consume("orders.>", handler, "selfstop", workers=2))
+    made.set()
     consumer = box[0]
     assert returned.wait(10)
     assert wait_until(lambda: not any(t.is_alive() for t in consumer.workers), timeout=5)
