@@ -6,7 +6,7 @@ waits in this process while its ack wait runs, and a message whose handler still
 not fetched again by the same pool. The worker then runs the handler and acknowledges: a
 handler returning acks, one raising naks (the server redelivers), one that acked, naked or
 termed itself is left alone. The acknowledgement and the worker's next pull request leave
-in one write. ``stop()`` ends the fetching at once and lets running handlers finish.
+in one write. ``stop()`` ends the fetching (within a second) and lets running handlers finish.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class Consumer:
         self._stopping = threading.Event()
         self.processed = 0
         self.failed = 0
+        #: Names of the workers running the handler (or acknowledging after it).
+        self._handling: set[str] = set()
         name = f"openfactory-nats-consume-{self.consumer}"
         self._threads = [
             threading.Thread(target=self._work, args=(sub,), name=f"{name}-{i}", daemon=True)
@@ -104,6 +106,16 @@ class Consumer:
                     self._run(msg)
 
     def _run(self, msg: JsMsg) -> None:
+        name = threading.current_thread().name
+        with self._lock:
+            self._handling.add(name)
+        try:
+            self._handle(msg)
+        finally:
+            with self._lock:
+                self._handling.discard(name)
+
+    def _handle(self, msg: JsMsg) -> None:
         try:
             self._handler(msg)
         except Exception:
@@ -132,23 +144,28 @@ class Consumer:
             self._logger.warning("consumer %s: could not acknowledge %r: %s", self.consumer, msg.subject, exc)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop fetching; let running handlers finish within *timeout* s. Idempotent.
+        """Stop fetching (a fetch in progress ends within a second, what it got is naked
+        back); let running handlers finish within *timeout* s. Idempotent.
 
         :raises ClusterTimeoutError: when handlers were still running after *timeout* s
             (they finish in the background; their messages are acked then).
         """
         deadline = time.monotonic() + timeout
         self._stopping.set()
-        for sub in self._subs:  # also ends a fetch in progress at once
+        me = threading.current_thread()
+        # A fetch in progress ends by itself within _POLL s, and what the server sent it is
+        # naked back at once; unsubscribing under it would discard those messages, left to
+        # wait for their ack wait. Only the fetches still running at the deadline are cut.
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        for sub in self._subs:
             try:
                 sub.unsubscribe(max(0.0, deadline - time.monotonic()))
             except NatsClusterError as exc:
                 self._logger.debug("consumer %s: unsubscribe: %s", self.consumer, exc)
-        me = threading.current_thread()
-        for thread in self._threads:
-            if thread is not me:
-                thread.join(max(0.0, deadline - time.monotonic()))
-        busy = [t.name for t in self._threads if t.is_alive() and t is not me]
+        with self._lock:
+            busy = [t.name for t in self._threads if t.name in self._handling and t is not me]
         self._on_stop(max(0.0, deadline - time.monotonic()))
         if busy:
             raise ClusterTimeoutError(
