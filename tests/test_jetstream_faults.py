@@ -19,7 +19,6 @@ from openfactory_nats import (
     ClusterTimeoutError,
     InvalidMessageError,
     InvalidTypeError,
-    NatsClusterError,
     SyncNatsCluster,
 )
 from openfactory_nats._errors import (
@@ -473,7 +472,7 @@ def test_ack_sync_of_a_message_whose_consumer_is_gone_raises_at_once(
     [msg] = sub.fetch(1, 2)
     js.delete_consumer("WORK", "vanishing")
     started = time.monotonic()
-    with pytest.raises(NatsClusterError):  # NoRespondersError today: nobody confirms it
+    with pytest.raises(ConsumerNotFoundError):  # nobody confirms it: the consumer is gone
         msg.ack_sync(8)
     assert time.monotonic() - started < 4
     assert not msg.acked and nc.stats()["js_ack_errors"] == 1

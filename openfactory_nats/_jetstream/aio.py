@@ -26,7 +26,7 @@ from .._wire import check_timeout
 from . import api
 from .api import Call, ConsumerInfo, StreamInfo
 from .handle import check_batch
-from .msg import AsyncJsMsg
+from .msg import AsyncJsMsg, consumer_gone
 from .pull import CHECK, WAIT, PullState, fetch_life
 
 __all__ = ("AsyncConsumer", "AsyncJetStream", "AsyncPullSubscription")
@@ -70,6 +70,9 @@ class _Acker:
     async def confirm_ack(self, subject: str, payload: bytes, timeout: float | None) -> None:
         try:
             await self._core.request(subject, payload, 10.0 if timeout is None else timeout)
+        except NoRespondersError:
+            self._core.count("js_ack_errors")
+            raise consumer_gone(self._core.name, subject) from None
         except NatsClusterError:
             self._core.count("js_ack_errors")
             raise

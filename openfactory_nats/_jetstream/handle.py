@@ -24,7 +24,7 @@ from .._wire import check_timeout
 from . import api
 from .api import Call, ConsumerInfo, StreamInfo
 from .consume import Consumer, Handler
-from .msg import JsMsg
+from .msg import JsMsg, consumer_gone
 from .pull import CHECK, WAIT, PullState, fetch_life
 
 __all__ = ("Blocking", "JetStream", "PullSubscription")
@@ -85,6 +85,9 @@ class _Acker:
     def confirm_ack(self, subject: str, payload: bytes, timeout: float | None) -> None:
         try:
             self._nats.request(subject, payload, timeout)
+        except NoRespondersError:
+            self._nats.cluster.count("js_ack_errors")
+            raise consumer_gone(self._nats.name, subject) from None
         except NatsClusterError:
             self._nats.cluster.count("js_ack_errors")
             raise

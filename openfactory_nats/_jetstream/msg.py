@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .._errors import InvalidMessageError, MsgAlreadyAckedError, NatsClusterError
+from .._errors import ConsumerNotFoundError, InvalidMessageError, MsgAlreadyAckedError, NatsClusterError
 from .._message import Msg
 
 __all__ = ("ACK", "NAK", "TERM", "WPI", "Acker", "AsyncJsMsg", "JsMsg", "Metadata", "SequencePair", "parse_metadata")
@@ -96,6 +96,15 @@ class AsyncAcker(Protocol):
     async def send_ack(self, subject: str, payload: bytes) -> None: ...
 
     async def confirm_ack(self, subject: str, payload: bytes, timeout: float | None) -> None: ...
+
+
+def consumer_gone(cluster: str, reply: str) -> ConsumerNotFoundError:
+    """What an acknowledgement nobody confirmed means: the message's consumer is gone."""
+    return ConsumerNotFoundError(
+        f"cluster {cluster!r}: nobody confirmed the acknowledgement to {reply[:80]!r}: its consumer is gone",
+        cluster=cluster,
+        code=503,
+    )
 
 
 def _nak_payload(delay: float | None) -> bytes:
@@ -198,6 +207,7 @@ class JsMsg(_Base):
 
         :raises ClusterTimeoutError: when no confirmation came within *timeout* s (the
             ack may still have been applied).
+        :raises ConsumerNotFoundError: when the message's consumer is gone.
         """
         self._claim(ACK)
         try:

@@ -10,10 +10,14 @@ consumer is gone, or a limit was reached), 100 (a heartbeat).
 A fetch, as nats-py's: first a ``no_wait`` request for the whole batch (what is stored
 comes at once, then a 404 or 408); if that gave nothing, a request for one message that
 lingers on the server until the fetch's timeout is nearly over; once that one came, a
-``no_wait`` request for the rest. Nothing lingers on the server after a fetch returns, so
-nothing is fetched for nobody; what an interrupted request still sends (a reconnection, a
-timeout) waits in the inbox and is the next fetch's first. :func:`fetch_life` is that
-logic, once, for the blocking and the asyncio driver.
+``no_wait`` request for the rest. Every request carries an expiry within the fetch's
+timeout (a ``no_wait`` request at most :data:`NO_WAIT_EXPIRES`: the server holds even
+those while the consumer's ``max_ack_pending`` is reached, and would otherwise send their
+messages later, to nobody), so nothing lingers on the server after a fetch returns;
+what an interrupted request still sends (a reconnection, a stopped server) waits in the
+inbox and is the next fetch's first. A fetch without time for a request returns only
+what is in the inbox. :func:`fetch_life` is that logic, once, for the blocking and the
+asyncio driver.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ _FULL, _TIMEOUT = 4, 5
 #: the request) and ask again.
 SLICE = 0.5
 _MIN_LINGER = 0.005
+#: The expiry of a ``no_wait`` request (s): with nothing stored the server waits that long;
+#: with messages it cannot deliver yet (``max_ack_pending``), it gives up then too.
+NO_WAIT_EXPIRES = 0.01
 _RETRY_PAUSE = 0.05
 
 
@@ -124,7 +131,7 @@ def fetch_life(
             break
         if state.classify(msg, cluster) == _MESSAGE:
             got.append(msg)
-    if len(got) >= batch:
+    if len(got) >= batch or wait <= _MIN_LINGER:
         return got
     ask = _Round(state, got, deadline, clock, send, epoch, cluster)
     outcome = yield from ask.run(batch, None, no_wait=True)
@@ -166,8 +173,9 @@ class _Round:
         self.cluster = cluster
 
     def _ask(self, target: int, expires: float | None, no_wait: bool) -> int:
-        if expires is not None:
-            expires = max(_MIN_LINGER, min(expires, self.deadline - self.clock()))
+        if expires is None:
+            expires = NO_WAIT_EXPIRES
+        expires = max(_MIN_LINGER, min(expires, self.deadline - self.clock()))
         self.send(*self.state.request(target - len(self.got), expires, no_wait))
         return self.epoch()
 
