@@ -233,7 +233,12 @@ def entry_from_direct(bucket: str, key: str, reply: Msg, cluster: str) -> Entry:
             code=int(status) if status and status.isdigit() else 0,
         )
     entry = Entry(
-        bucket, key, reply.data, int(headers["Nats-Sequence"]), _operation(headers), parse_time(headers["Nats-Time-Stamp"])
+        bucket,
+        key,
+        reply.data,
+        int(headers["Nats-Sequence"]),
+        _operation(headers),
+        parse_time(headers["Nats-Time-Stamp"]),
     )
     return _live(entry, cluster)
 
@@ -366,6 +371,10 @@ class WatchState:
         check_bucket(self.bucket)
         check_key(self.keys, wildcards=True)
         self._base = f"_INBOX.{secrets.token_hex(11)}"
+
+    @property
+    def stream(self) -> str:
+        return stream_name(self.bucket)
 
     def next_consumer(self) -> tuple[str, bytes]:
         """The request that makes the next consumer (subject, payload). It delivers to a

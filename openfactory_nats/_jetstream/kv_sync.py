@@ -420,11 +420,7 @@ class Watch:
             with self._lock:
                 if self._stopped.is_set():
                     return
-                if (
-                    self._broken
-                    or reconnects != self._reconnects
-                    or time.monotonic() - self._seen > 3 * kv.HEARTBEAT
-                ):
+                if self._broken or reconnects != self._reconnects or time.monotonic() - self._seen > 3 * kv.HEARTBEAT:
                     self._reconnects = reconnects
                     self._reset()
                 stale, self._stale = self._stale, []
