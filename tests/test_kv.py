@@ -443,3 +443,28 @@ def test_router_key_value(jetstream_server: NatsServer, logger: logging.Logger) 
         assert kv.get("asset-1.mode").value == b"auto"
         with pytest.raises(BucketNotFoundError):
             router.key_value("asset-1", "nope")
+
+
+@pytest.mark.timeout(60)
+def test_cli_get_put_del_watch(jetstream_server: NatsServer, nc: SyncNatsCluster) -> None:
+    from .test_cli import run
+
+    url = jetstream_server.url
+    bucket = nc.jetstream().create_key_value("assets", history=5)
+    result = run(["kv", "put", "assets", "a1.temp", "21.5", "--servers", url])
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == bucket.get("a1.temp").revision
+    assert run(["kv", "put", "assets", "a1.mode", "--servers", url], stdin=b"auto").returncode == 0
+    result = run(["kv", "get", "assets", "a1.temp", "--servers", url])
+    assert (result.returncode, result.stdout) == (0, b"21.5\n")
+    assert run(["kv", "del", "assets", "a1.mode", "--servers", url]).returncode == 0
+    result = run(["kv", "get", "assets", "a1.mode", "--servers", url])
+    assert result.returncode == 1 and b"deleted" in result.stderr and b"Traceback" not in result.stderr
+    result = run(["kv", "watch", "assets", "a1.*", "--count", "2", "--history", "--timeout", "10", "--servers", url])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.decode().splitlines()
+    assert lines[0].startswith("[a1.temp] #1 PUT 21.5") and lines[1].startswith("[a1.mode] #2 PUT auto")
+    result = run(["kv", "get", "nope", "k", "--servers", url])
+    assert result.returncode == 1 and b"no key-value bucket" in result.stderr
+    assert run(["kv", "get", "assets", "--servers", url]).returncode == 2
+    assert run(["kv", "put", "assets", "bad key", "x", "--servers", url]).returncode == 2

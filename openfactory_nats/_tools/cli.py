@@ -17,6 +17,7 @@ from .._errors import NatsClusterError
 from .._message import Msg
 from .._receive.discovery import ServiceInstance
 from .cli_js import CliError, add_consume_parser, consume
+from .cli_kv import add_kv_parser, kv
 
 __all__ = ("main",)
 
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("subject")
 
     add_consume_parser(sub, _servers)
+    add_kv_parser(sub, _servers)
     svc = sub.add_parser("services", help="list the running NATS services (ADR-32), their endpoints and stats")
     svc.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     svc.add_argument("--timeout", type=float, default=1.0, help="seconds to gather the answers (default 1)")
@@ -360,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError("--timeout must be positive", 2)
         if args.command == "consume":
             return consume(args, credentials_from_env())
+        if args.command == "kv":
+            return kv(args, credentials_from_env())
         handler = {
             "demo": _demo,
             "publish": _publish,
