@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-requests", action="store_true", help="skip the request/reply measurements")
     bench.add_argument("--requests", type=int, default=2000, help="requests per request/reply measurement")
     bench.add_argument("--jetstream", type=int, default=100_000, help="messages consumed from JetStream (0: skip)")
+    bench.add_argument("--kv", type=int, default=100_000, help="key-value watch updates (0: skip the KV section)")
     bench.add_argument("--json", action="store_true", help="print machine-readable results")
     return parser
 
@@ -347,6 +348,7 @@ def _bench(args: argparse.Namespace) -> int:
         receive=not args.no_receive,
         requests=0 if args.no_requests else args.requests,
         jetstream=args.jetstream,
+        kv=args.kv,
     )
     results = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
