@@ -4,6 +4,7 @@ from ._blocking.facade import SyncNatsCluster
 from ._core.cluster import DEFAULT_MAX_PENDING_BYTES, NatsCluster
 from ._core.lifecycle import ClusterState
 from ._errors import (
+    BucketNotFoundError,
     BufferFullError,
     ClusterClosedError,
     ClusterTimeoutError,
@@ -14,11 +15,14 @@ from ._errors import (
     InvalidMessageError,
     InvalidTypeError,
     JetStreamError,
+    KeyExistsError,
+    KeyNotFoundError,
     MsgAlreadyAckedError,
     NatsClusterError,
     NoRespondersError,
     PublishError,
     RefusedError,
+    RevisionMismatchError,
     ServiceError,
     StreamNotFoundError,
     SubscriptionClosedError,
@@ -30,6 +34,9 @@ from ._jetstream.aio import AsyncConsumer, AsyncJetStream, AsyncPullSubscription
 from ._jetstream.api import ConsumerInfo, StreamInfo
 from ._jetstream.consume import Consumer
 from ._jetstream.handle import JetStream, PullSubscription
+from ._jetstream.kv import Entry
+from ._jetstream.kv_aio import AsyncKeyValue, AsyncWatch
+from ._jetstream.kv_sync import KeyValue, Watch
 from ._jetstream.msg import AsyncJsMsg, JsMsg, Metadata, SequencePair
 from ._message import Msg
 from ._receive.discovery import ServiceInstance
@@ -44,6 +51,15 @@ from ._wire import validate_subject
 __version__ = "0.1.0"
 
 __all__ = (
+    "AsyncKeyValue",
+    "AsyncWatch",
+    "BucketNotFoundError",
+    "Entry",
+    "KeyExistsError",
+    "KeyNotFoundError",
+    "KeyValue",
+    "RevisionMismatchError",
+    "Watch",
     "AsyncConsumer",
     "AsyncJetStream",
     "AsyncJsMsg",

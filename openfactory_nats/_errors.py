@@ -18,7 +18,11 @@ built-in exception that users already catch::
     ├── ServiceError                         the service answered a request with an error
     ├── JetStreamError                       the JetStream API refused (``code``, ``err_code``)
     │   ├── StreamNotFoundError              no such stream (or none bound to a subject)
-    │   └── ConsumerNotFoundError            no such consumer
+    │   │   └── BucketNotFoundError          no such key-value bucket
+    │   ├── ConsumerNotFoundError            no such consumer
+    │   └── RevisionMismatchError            a key-value update: the key moved on
+    │       └── KeyExistsError               a key-value create: the key has a value
+    ├── KeyNotFoundError (KeyError)          no such key in a bucket (or it was deleted)
     ├── MsgAlreadyAckedError (RuntimeError)  a JetStream message acknowledged twice
     ├── WrongThreadError (RuntimeError)      a blocking call on the event-loop thread
     └── ClusterTimeoutError (TimeoutError)   an operation ran out of time
@@ -32,6 +36,7 @@ from __future__ import annotations
 import nats.errors
 
 __all__ = (
+    "BucketNotFoundError",
     "BufferFullError",
     "ClusterClosedError",
     "ClusterTimeoutError",
@@ -41,6 +46,9 @@ __all__ = (
     "InvalidMessageError",
     "InvalidTypeError",
     "JetStreamError",
+    "KeyExistsError",
+    "KeyNotFoundError",
+    "RevisionMismatchError",
     "ConsumerNotFoundError",
     "MsgAlreadyAckedError",
     "StreamNotFoundError",
@@ -163,6 +171,86 @@ class StreamNotFoundError(JetStreamError):
 
 class ConsumerNotFoundError(JetStreamError):
     """No such consumer (never made, or deleted)."""
+
+
+class BucketNotFoundError(StreamNotFoundError):
+    """No such key-value bucket (its stream ``KV_<bucket>`` does not exist).
+
+    :ivar bucket: the bucket's name.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cluster: str | None = None,
+        code: int = 404,
+        err_code: int = 10059,
+        description: str = "",
+        bucket: str = "",
+    ) -> None:
+        super().__init__(message, cluster=cluster, code=code, err_code=err_code, description=description)
+        self.bucket = bucket
+
+
+class RevisionMismatchError(JetStreamError):
+    """A conditional write (``update(key, value, last=...)``) found the key at another
+    revision.
+
+    :ivar bucket: the bucket's name.
+    :ivar key: the key.
+    :ivar last: the revision the write expected.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cluster: str | None = None,
+        code: int = 400,
+        err_code: int = 10071,
+        description: str = "",
+        bucket: str = "",
+        key: str = "",
+        last: int = 0,
+    ) -> None:
+        super().__init__(message, cluster=cluster, code=code, err_code=err_code, description=description)
+        self.bucket = bucket
+        self.key = key
+        self.last = last
+
+
+class KeyExistsError(RevisionMismatchError):
+    """``create(key, value)`` found a value under the key (not deleted or purged)."""
+
+
+class KeyNotFoundError(NatsClusterError, KeyError):
+    """No value under the key: never put, deleted or purged (also a ``KeyError``).
+
+    :ivar bucket: the bucket's name.
+    :ivar key: the key.
+    :ivar revision: the revision of the delete or purge marker, or 0.
+    :ivar operation: ``"DEL"`` or ``"PURGE"`` for a deleted or purged key, else ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        cluster: str | None = None,
+        bucket: str = "",
+        key: str = "",
+        revision: int = 0,
+        operation: str | None = None,
+    ) -> None:
+        super().__init__(message, cluster=cluster)
+        self.bucket = bucket
+        self.key = key
+        self.revision = revision
+        self.operation = operation
+
+    def __str__(self) -> str:  # KeyError's would show the message quoted
+        return str(self.args[0]) if self.args else ""
 
 
 class MsgAlreadyAckedError(NatsClusterError, RuntimeError):

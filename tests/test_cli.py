@@ -115,7 +115,7 @@ def test_demo_against_given_servers(server: NatsServer) -> None:
 
 def test_bench_smoke_run() -> None:
     args = ["bench", "--messages", "3000", "--rounds", "1", "--sizes", "128", "--latency-seconds", "0.2", "--no-stall",
-            "--requests", "80", "--jetstream", "1000"]  # fmt: skip
+            "--requests", "80", "--jetstream", "1000", "--kv", "500"]  # fmt: skip
     result = run([*args, "--json"], timeout=120)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -123,6 +123,7 @@ def test_bench_smoke_run() -> None:
     assert row["size"] == 128 and row["plain"] > 0 and row["facade_1_ratio"] > 0 and row["facade_8_ratio"] > 0
     assert row["raw"] > 0 and row["raw_ratio"] > 0  # the raw-socket ceiling, delivery checked like the others
     assert data["latency"]["received"] == data["latency"]["expected"] == 2000
+    assert data["kv"]["updates"] == 500 and data["kv"]["watch_ratio"] > 0 and data["kv"]["put_ratio"] > 0
     assert data["machine"]["nats_py"]
     receive = data["receive"]
     assert receive["messages"] == 3000 and receive["facade_callback_ratio"] > 0 and receive["facade_iterator_ratio"] > 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .._errors import (
     ClusterClosedError,
@@ -23,9 +23,10 @@ from .._errors import (
 from .._message import Msg
 from .._receive.subscription import AsyncSubscription
 from .._wire import check_timeout
-from . import api
+from . import api, kv, kv_aio
 from .api import Call, ConsumerInfo, StreamInfo
 from .handle import check_batch
+from .kv_aio import AsyncKeyValue
 from .msg import AsyncJsMsg, consumer_gone
 from .pull import CHECK, WAIT, PullState, fetch_life
 
@@ -212,6 +213,40 @@ class AsyncJetStream:
         if not self._core.offer_pull(subject, reply, payload, 0.0):
             name = self._core.name
             raise ClusterUnavailableError(f"cluster {name!r}: not connected", cluster=name)
+
+    # -- key-value store -------------------------------------------------------------
+    async def create_key_value(
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        ttl: float | None = None,
+        storage: str = "file",
+        timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncKeyValue:
+        """As the blocking :meth:`JetStream.create_key_value <openfactory_nats.JetStream.create_key_value>`."""
+        config = kv.bucket_config(bucket, history, ttl, storage, options)
+        await self._call(api.add_stream_call(config), timeout)
+        return AsyncKeyValue(cast("kv_aio.Core", self._core), bucket, self._timeout)
+
+    async def key_value(self, bucket: str, *, timeout: float | None = None) -> AsyncKeyValue:
+        """:raises BucketNotFoundError: when there is no such bucket."""
+        kv.check_bucket(bucket)
+        try:
+            info = await self.stream_info(kv.stream_name(bucket), timeout=timeout)
+        except StreamNotFoundError as exc:
+            raise kv.not_found(bucket, self._core.name, exc) from None
+        direct = bool(info.config.get("allow_direct"))
+        return AsyncKeyValue(cast("kv_aio.Core", self._core), bucket, self._timeout, direct)
+
+    async def delete_key_value(self, bucket: str, *, timeout: float | None = None) -> None:
+        """:raises BucketNotFoundError: when there is no such bucket."""
+        kv.check_bucket(bucket)
+        try:
+            await self.delete_stream(kv.stream_name(bucket), timeout=timeout)
+        except StreamNotFoundError as exc:
+            raise kv.not_found(bucket, self._core.name, exc) from None
 
 
 class AsyncPullSubscription:

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .._errors import (
     ClusterTimeoutError,
@@ -21,9 +21,10 @@ from .._errors import (
 from .._message import Msg
 from .._receive.subscription import Subscription
 from .._wire import check_timeout
-from . import api
+from . import api, kv, kv_sync
 from .api import Call, ConsumerInfo, StreamInfo
 from .consume import Consumer, Handler
+from .kv_sync import KeyValue
 from .msg import JsMsg, consumer_gone
 from .pull import CHECK, WAIT, PullState, fetch_life
 
@@ -305,6 +306,54 @@ class JetStream:
         if not core.offer_pull(subject, reply, payload, timeout):  # not connected yet
             self._nats.connect(timeout)
             core.offer_pull(subject, reply, payload, timeout)
+
+    # -- key-value store -------------------------------------------------------------
+    def create_key_value(
+        self,
+        bucket: str,
+        *,
+        history: int = 1,
+        ttl: float | None = None,
+        storage: str = "file",
+        timeout: float | None = None,
+        **options: Any,
+    ) -> KeyValue:
+        """Create the key-value bucket *bucket* (the stream ``KV_<bucket>``), or bind to
+        it when one with the same configuration exists.
+
+        :param history: revisions kept per key (1 to 64).
+        :param ttl: seconds a revision is kept (None: for ever).
+        :param options: ``max_value_size``, ``max_bytes``, ``replicas``, ``description``.
+        :raises JetStreamError: when the server refused it (e.g. a bucket of that name
+            with another configuration).
+        """
+        config = kv.bucket_config(bucket, history, ttl, storage, options)
+        self._call(api.add_stream_call(config), timeout)
+        return KeyValue(cast("kv_sync.Nats", self._nats), bucket, self._timeout)
+
+    def key_value(self, bucket: str, *, timeout: float | None = None) -> KeyValue:
+        """The existing key-value bucket *bucket*.
+
+        :raises BucketNotFoundError: when there is none.
+        """
+        kv.check_bucket(bucket)
+        try:
+            info = self.stream_info(kv.stream_name(bucket), timeout=timeout)
+        except StreamNotFoundError as exc:
+            raise kv.not_found(bucket, self._nats.name, exc) from None
+        direct = bool(info.config.get("allow_direct"))
+        return KeyValue(cast("kv_sync.Nats", self._nats), bucket, self._timeout, direct)
+
+    def delete_key_value(self, bucket: str, *, timeout: float | None = None) -> None:
+        """Delete the bucket *bucket* and every key in it.
+
+        :raises BucketNotFoundError: when there is none.
+        """
+        kv.check_bucket(bucket)
+        try:
+            self.delete_stream(kv.stream_name(bucket), timeout=timeout)
+        except StreamNotFoundError as exc:
+            raise kv.not_found(bucket, self._nats.name, exc) from None
 
 
 class PullSubscription:

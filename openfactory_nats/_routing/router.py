@@ -20,6 +20,8 @@ from .._errors import ClusterClosedError, ClusterTimeoutError, InvalidMessageErr
 from .._forksafe import renew_after_fork
 from .._jetstream.aio import AsyncJetStream
 from .._jetstream.handle import JetStream
+from .._jetstream.kv_aio import AsyncKeyValue
+from .._jetstream.kv_sync import KeyValue
 from .._message import Msg
 from .._receive.dispatcher import Dispatcher
 from .._receive.inbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MSGS
@@ -128,6 +130,13 @@ class ClusterRouter:
     def jetstream(self, key: str | bytes) -> AsyncJetStream:
         """The JetStream handle of the cluster that owns *key* (an asset)."""
         return self.clusters[self.ring.get(key)].jetstream()
+
+    async def key_value(self, key: str | bytes, bucket: str, *, timeout: float | None = None) -> AsyncKeyValue:
+        """The key-value bucket *bucket* on the cluster that owns *key* (an asset).
+
+        :raises BucketNotFoundError: when that cluster has no such bucket.
+        """
+        return await self.jetstream(key).key_value(bucket, timeout=timeout)
 
     async def connect(self) -> None:
         """Connect every cluster; the first failure is raised once all have tried."""
@@ -239,6 +248,13 @@ class SyncClusterRouter:
     def jetstream(self, key: str | bytes) -> JetStream:
         """The JetStream handle of the cluster that owns *key* (an asset)."""
         return self._clusters[self.ring.get(key)].jetstream()
+
+    def key_value(self, key: str | bytes, bucket: str, *, timeout: float | None = None) -> KeyValue:
+        """The key-value bucket *bucket* on the cluster that owns *key* (an asset).
+
+        :raises BucketNotFoundError: when that cluster has no such bucket.
+        """
+        return self.jetstream(key).key_value(bucket, timeout=timeout)
 
     def publish(
         self,

@@ -33,6 +33,7 @@ import nats
 from .._blocking.facade import SyncNatsCluster
 from .._errors import BufferFullError
 from .bench_js import format_jetstream, jetstream_benchmark
+from .bench_kv import format_kv, kv_benchmark
 from .bench_receive import format_receive, receive_benchmark
 from .bench_requests import format_requests, requests_benchmark
 from .embedded import EmbeddedServer
@@ -61,6 +62,7 @@ class BenchConfig:
     requests: int = 2000
     #: Messages of the JetStream consume measurement; 0 skips it.
     jetstream: int = 100_000
+    kv: int = 100_000
     stall_cap: int = 64 * _MIB
     #: Bytes each run publishes at most (so that large sizes do not take minutes).
     byte_budget: int = 1024 * _MIB
@@ -365,6 +367,8 @@ def run_benchmark(config: BenchConfig, progress: Callable[[str], None] = lambda 
             results["requests"] = requests_benchmark(url, config.requests, 128, config.rounds, progress)
         if config.jetstream:
             results["jetstream"] = jetstream_benchmark(config.jetstream, config.rounds, progress)
+        if config.kv:
+            results["kv"] = kv_benchmark(config.kv, config.rounds, progress)
         if config.latency_seconds > 0:
             progress(f"latency: {config.latency_rate} msgs/s for {config.latency_seconds:g} s")
             results["latency"] = _latency(url, config.latency_seconds, config.latency_rate)
@@ -431,6 +435,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines += format_requests(results["requests"])
     if "jetstream" in results:
         lines += format_jetstream(results["jetstream"])
+    if "kv" in results:
+        lines += format_kv(results["kv"])
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -17,6 +17,7 @@ from .._errors import NatsClusterError
 from .._message import Msg
 from .._receive.discovery import ServiceInstance
 from .cli_js import CliError, add_consume_parser, consume
+from .cli_kv import add_kv_parser, kv
 
 __all__ = ("main",)
 
@@ -106,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("subject")
 
     add_consume_parser(sub, _servers)
+    add_kv_parser(sub, _servers)
     svc = sub.add_parser("services", help="list the running NATS services (ADR-32), their endpoints and stats")
     svc.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     svc.add_argument("--timeout", type=float, default=1.0, help="seconds to gather the answers (default 1)")
@@ -126,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-requests", action="store_true", help="skip the request/reply measurements")
     bench.add_argument("--requests", type=int, default=2000, help="requests per request/reply measurement")
     bench.add_argument("--jetstream", type=int, default=100_000, help="messages consumed from JetStream (0: skip)")
+    bench.add_argument("--kv", type=int, default=100_000, help="key-value watch updates (0: skip the KV section)")
     bench.add_argument("--json", action="store_true", help="print machine-readable results")
     return parser
 
@@ -345,6 +348,7 @@ def _bench(args: argparse.Namespace) -> int:
         receive=not args.no_receive,
         requests=0 if args.no_requests else args.requests,
         jetstream=args.jetstream,
+        kv=args.kv,
     )
     results = run_benchmark(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(results, indent=2) if args.json else format_table(results))
@@ -360,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CliError("--timeout must be positive", 2)
         if args.command == "consume":
             return consume(args, credentials_from_env())
+        if args.command == "kv":
+            return kv(args, credentials_from_env())
         handler = {
             "demo": _demo,
             "publish": _publish,
