@@ -7,6 +7,7 @@ not fetched again by the same pool. The worker then runs the handler and acknowl
 handler returning acks, one raising naks (the server redelivers), one that acked, naked or
 termed itself is left alone. The acknowledgement and the worker's next pull request leave
 in one write. ``stop()`` ends the fetching (within a second) and lets running handlers finish.
+With ``prefetch``, a feeder fetches in batches for the workers instead (``feeder``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .._errors import ClusterClosedError, ClusterTimeoutError, NatsClusterError
+from .feeder import Feeder
 from .msg import JsMsg
 
 __all__ = ("Consumer", "Handler")
@@ -54,6 +56,10 @@ class Consumer:
         logger: logging.Logger,
         count: Callable[[str, int], None],
         on_stop: Callable[[float], None] = lambda timeout: None,
+        *,
+        workers: int = 0,
+        prefetch: int = 0,
+        ack_wait: float = 30.0,
     ) -> None:
         self._subs = list(subs)
         self.consumer = self._subs[0].consumer
@@ -68,10 +74,17 @@ class Consumer:
         #: Names of the workers running the handler (or acknowledging after it).
         self._handling: set[str] = set()
         name = f"openfactory-nats-consume-{self.consumer}"
-        self._threads = [
-            threading.Thread(target=self._work, args=(sub,), name=f"{name}-{i}", daemon=True)
-            for i, sub in enumerate(self._subs)
-        ]
+        self._feeder: Feeder | None = None
+        if prefetch:  # one subscription, fed in batches
+            self._feeder = Feeder(self._subs[0], workers, prefetch, ack_wait, logger, name)
+            self._threads = [
+                threading.Thread(target=self._take, name=f"{name}-{i}", daemon=True) for i in range(workers)
+            ]
+        else:  # each worker fetches for itself
+            self._threads = [
+                threading.Thread(target=self._work, args=(sub,), name=f"{name}-{i}", daemon=True)
+                for i, sub in enumerate(self._subs)
+            ]
         for thread in self._threads:
             thread.start()
 
@@ -104,6 +117,15 @@ class Consumer:
                     _nak_quietly(msg)
                 else:
                     self._run(msg)
+
+    def _take(self) -> None:
+        feeder = self._feeder
+        assert feeder is not None
+        while (msg := feeder.take()) is not None:
+            try:
+                self._run(msg)
+            finally:
+                feeder.done()
 
     def _run(self, msg: JsMsg) -> None:
         name = threading.current_thread().name
@@ -153,6 +175,9 @@ class Consumer:
         deadline = time.monotonic() + timeout
         self._stopping.set()
         me = threading.current_thread()
+        if self._feeder is not None:
+            self._feeder.stop()
+            self._feeder.thread.join(max(0.0, deadline - time.monotonic()))
         # A fetch in progress ends by itself within _POLL s, and what the server sent it is
         # naked back at once; unsubscribing under it would discard those messages, left to
         # wait for their ack wait. Only the fetches still running at the deadline are cut.

@@ -262,6 +262,7 @@ class JetStream:
         ack_wait: float = 30.0,
         max_deliver: int | None = None,
         deliver_policy: str = "all",
+        prefetch: int = 0,
         timeout: float | None = None,
     ) -> Consumer:
         """Process the messages of a consumer with *handler* on *workers* threads.
@@ -271,12 +272,18 @@ class JetStream:
         ``ack``, ``nak``, ``term`` or ``in_progress`` itself. Only what idle workers can
         take is fetched. :meth:`Consumer.stop` lets running handlers finish.
 
+        :param prefetch: fetch in batches, up to this many messages more than the idle
+            workers take, queued in this process (kept alive with ``in_progress`` while
+            they wait): faster for short handlers, less fair to other processes of the
+            same consumer. 0 (the default): each worker fetches its own message.
         :raises: as :meth:`pull_subscribe`.
         """
         if not callable(handler):
             raise InvalidTypeError(f"handler must be callable, not {type(handler).__name__}")
         if not isinstance(workers, int) or isinstance(workers, bool) or not 1 <= workers <= 1024:
             raise InvalidMessageError(f"workers must be an int between 1 and 1024, not {workers!r}")
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or not 0 <= prefetch <= 100_000:
+            raise InvalidMessageError(f"prefetch must be an int between 0 and 100000, not {prefetch!r}")
         wait = self._timeout if timeout is None else check_timeout(timeout)
         deadline = time.monotonic() + wait
         first = self.pull_subscribe(
@@ -290,7 +297,7 @@ class JetStream:
         )
         subs = [first]
         try:
-            for _ in range(workers - 1):
+            for _ in range(0 if prefetch else workers - 1):
                 left = max(0.0, deadline - time.monotonic())
                 subs.append(PullSubscription(self, first.stream, first.consumer, False, left))
         except BaseException:
@@ -298,7 +305,7 @@ class JetStream:
                 sub.unsubscribe()
             raise
         core = self._nats.cluster
-        return Consumer(subs, handler, core.logger, core.count)
+        return Consumer(subs, handler, core.logger, core.count, workers=workers, prefetch=prefetch, ack_wait=ack_wait)
 
     # -- used by PullSubscription ---------------------------------------------------
     def _send_pull(self, subject: str, reply: str, payload: bytes, timeout: float) -> None:

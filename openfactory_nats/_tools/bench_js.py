@@ -3,7 +3,8 @@
 Three consumers of the same stream of 128-byte messages, each on a fresh durable consumer,
 alternated over the rounds: nats-py's async pull consumer (``fetch(100)`` then ``await
 msg.ack()`` for each), this library's ``sub.fetch(100)`` from one thread with ``msg.ack()``
-for each, and ``js.consume(workers=4)`` with an empty handler. Each run ends when every
+for each, and ``js.consume(workers=4)`` with an empty handler, by default (each worker
+fetches its own message) and with ``prefetch=100``. Each run ends when every
 message was handled and the acks reached the server (a flush).
 """
 
@@ -29,6 +30,7 @@ __all__ = ("format_jetstream", "jetstream_benchmark")
 _log = logging.getLogger("openfactory_nats.bench")
 _STREAM = "BENCH"
 _SUBJECT = "bench.js"
+_PREFETCH = 100
 
 
 def _fill(url: str, count: int, size: int) -> None:
@@ -80,7 +82,7 @@ def _fetch(url: str, count: int, durable: str) -> float:
         return count / (time.perf_counter() - start)
 
 
-def _consume(url: str, count: int, durable: str) -> float:
+def _consume(url: str, count: int, durable: str, prefetch: int = 0) -> float:
     with SyncNatsCluster("bench-js", url, _log) as nats_:
         all_done = threading.Event()
         lock = threading.Lock()
@@ -95,12 +97,19 @@ def _consume(url: str, count: int, durable: str) -> float:
         js = nats_.jetstream()
         js.pull_subscribe(_SUBJECT, durable, _STREAM).unsubscribe()  # the consumer exists before the clock runs
         start = time.perf_counter()
-        pool = js.consume(_SUBJECT, handler, durable, _STREAM, workers=4)
+        pool = js.consume(_SUBJECT, handler, durable, _STREAM, workers=4, prefetch=prefetch)
         if not all_done.wait(600):
             raise RuntimeError(f"consume(workers=4) handled {handled[0]} of {count} messages in 600 s")
-        pool.stop()
+        while pool.processed < count:  # the last handlers' acks are queued after they return
+            time.sleep(0.001)
         nats_.flush()
-        return count / (time.perf_counter() - start)
+        rate = count / (time.perf_counter() - start)
+        pool.stop()  # not timed: it waits up to a second for the fetches in progress
+        return rate
+
+
+def _consume_prefetch(url: str, count: int, durable: str) -> float:
+    return _consume(url, count, durable, prefetch=_PREFETCH)
 
 
 def jetstream_benchmark(
@@ -116,6 +125,7 @@ def jetstream_benchmark(
             ("plain", _plain),
             ("fetch_1", _fetch),
             ("consume_4", _consume),
+            ("consume_4_prefetch", _consume_prefetch),
         ]
         runs: dict[str, list[float]] = {name: [] for name, _ in paths}
         for round_no in range(rounds):
@@ -125,7 +135,7 @@ def jetstream_benchmark(
                 progress(f"jetstream round {round_no + 1}  {name:<9} {rate:>12,.0f} msgs/s")
         plain = statistics.median(runs["plain"])
         result: dict[str, Any] = {"messages": messages, "size": size, "rounds": rounds, "plain": plain}
-        for name in ("fetch_1", "consume_4"):
+        for name in ("fetch_1", "consume_4", "consume_4_prefetch"):
             result[name] = statistics.median(runs[name])
             result[f"{name}_ratio"] = result[name] / plain
         return result
@@ -141,5 +151,8 @@ def format_jetstream(r: dict[str, Any]) -> list[str]:
         f"jetstream: {r['messages']:,} x {r['size']} B from a file stream, fetch(100), one ack per message (msgs/s)",
         f"  nats-py async pull consumer {r['plain']:>10,.0f}",
         f"  sub.fetch, 1 thread         {r['fetch_1']:>10,.0f} ({r['fetch_1_ratio']:.2f}x)",
-        f"  consume(workers=4)          {r['consume_4']:>10,.0f} ({r['consume_4_ratio']:.2f}x)",
+        f"  consume(workers=4)          {r['consume_4']:>10,.0f} ({r['consume_4_ratio']:.2f}x)"
+        "  each worker fetches its own message",
+        f"  consume(workers=4, prefetch={_PREFETCH})"
+        f" {r['consume_4_prefetch']:>6,.0f} ({r['consume_4_prefetch_ratio']:.2f}x)",
     ]
