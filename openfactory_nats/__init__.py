@@ -48,7 +48,7 @@ from ._routing.router import ClusterRouter, SyncClusterRouter, clusters_from_env
 from ._send.acked import PubAck
 from ._wire import validate_subject
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "AsyncKeyValue",

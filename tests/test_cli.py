@@ -281,3 +281,11 @@ def test_reply_exits_1_when_the_requests_did_not_come(server: NatsServer) -> Non
     assert result.returncode == 1 and time.monotonic() - started < 10
     err = result.stderr.decode()
     assert "Traceback" not in err and "0 request(s) on 'quiet' within 0.5 s" in err
+
+
+def test_version_prints_the_package_version() -> None:
+    import openfactory_nats
+
+    result = run(["--version"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().split() == ["openfactory-nats", openfactory_nats.__version__]

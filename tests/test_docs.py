@@ -56,3 +56,11 @@ def test_the_docs_version_is_the_package_version() -> None:
     namespace: dict[str, object] = {"__file__": str(DOCS / "conf.py")}
     exec(compile((DOCS / "conf.py").read_text(encoding="utf-8"), str(DOCS / "conf.py"), "exec"), namespace)
     assert namespace["release"] == openfactory_nats.__version__
+
+
+def test_the_version_is_set_once_and_the_changelog_has_it() -> None:
+    init = (DOCS.parent / "openfactory_nats" / "__init__.py").read_text(encoding="utf-8")
+    assert len(re.findall(r"\d+\.\d+\.\d+", init)) == 1  # one copy, read by setup.cfg's attr:
+    assert "version = attr: openfactory_nats.__version__" in (DOCS.parent / "setup.cfg").read_text()
+    assert f"\n{openfactory_nats.__version__} - " in (DOCS.parent / "CHANGELOG.rst").read_text(encoding="utf-8")
+    assert "Apache License" in (DOCS.parent / "LICENSE").read_text(encoding="utf-8")

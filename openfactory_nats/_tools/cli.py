@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from .. import __version__
 from .._blocking.facade import SyncNatsCluster
 from .._errors import NatsClusterError
 from .._message import Msg
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--log-level", default="ERROR", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     common.add_argument("--timeout", type=float, default=10.0, help="seconds for each blocking step (default 10)")
     parser = argparse.ArgumentParser(prog="openfactory-nats", description="Publish to NATS from blocking code.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common], help="publish from threads and check every message arrived")
