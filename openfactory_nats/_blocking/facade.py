@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
+from .. import _tracing
 from .._core.cluster import NatsCluster
 from .._core.incoming import CONNECT
 from .._core.lifecycle import ClusterState
@@ -213,6 +214,10 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         :raises WrongThreadError: on the event-loop thread.
         """
+        if _tracing.HOOK is not None:
+            if type(headers) is not _tracing.Traced:
+                return _tracing.HOOK.publish(self.publish, self._core, subject, payload, timeout, headers, ack, msg_id)
+            headers = headers or None
         if ack:
             return self._publish_acked(subject, payload, timeout, headers, msg_id)
         if self._forked:
@@ -233,7 +238,7 @@ class SyncNatsCluster:
         core.prepare(subject, payload, headers)  # bad input raises here, in the caller
         if msg_id is not None:
             check_msg_id(msg_id)
-        coro = core.publish(subject, payload, headers=headers, timeout=wait, ack=True, msg_id=msg_id)
+        coro = core.outgoing.publish_acked(subject, payload, headers, msg_id, wait)  # traced (or not) already
         return self._portal.call(coro, wait + 1.0)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -428,6 +433,10 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         :raises WrongThreadError: on the event-loop thread.
         """
+        if _tracing.HOOK is not None:
+            if type(headers) is not _tracing.Traced:
+                return _tracing.HOOK.request(self.request, self._core, subject, payload, timeout, headers)
+            headers = headers or None
         if self._forked:
             self._renew_after_fork()
         if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused

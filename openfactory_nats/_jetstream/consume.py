@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .. import _tracing
 from .._errors import ClusterClosedError, ClusterTimeoutError, NatsClusterError
 from .msg import JsMsg
 
@@ -105,7 +106,10 @@ class Consumer:
 
     def _run(self, msg: JsMsg) -> None:
         try:
-            self._handler(msg)
+            if _tracing.HOOK is not None:
+                _tracing.HOOK.jetstream(self._handler, msg, self.consumer)
+            else:
+                self._handler(msg)
         except Exception:
             self._logger.exception(
                 "consumer %s: handler failed on %r (delivery %s); nak", self.consumer, msg.subject, _delivery(msg)
