@@ -78,6 +78,7 @@ __all__ = ("instrument", "uninstrument")
 T = TypeVar("T")
 
 _SYSTEM = "nats"
+_SCHEMA = "https://opentelemetry.io/schemas/1.44.0"  # the conventions followed
 _INTERNAL = "$JS."  # the library's own JetStream traffic: API requests, acknowledgements
 _MSG_ID = "Nats-Msg-Id"
 _lock = threading.Lock()
@@ -98,7 +99,7 @@ def instrument(tracer_provider: TracerProvider | None = None, propagator: TextMa
             return
         _instrumented = True
         provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
-        tracer = trace.get_tracer(__name__, __version__, provider)
+        tracer = trace.get_tracer(__name__, __version__, provider, schema_url=_SCHEMA)
         if not _records_nothing(provider, tracer):
             _tracing.HOOK = _Tracer(tracer, propagator)
 
