@@ -1,7 +1,7 @@
 """Tracing with OpenTelemetry: spans printed to the console (README: Tracing).
 
-    pip install 'openfactory-nats[otel]' opentelemetry-sdk
-    NATS_URL=nats://127.0.0.1:4222 python examples/tracing.py
+pip install 'openfactory-nats[otel]' opentelemetry-sdk
+NATS_URL=nats://127.0.0.1:4222 python examples/tracing.py
 """
 
 from __future__ import annotations
