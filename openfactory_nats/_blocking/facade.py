@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
+from .. import _tracing
 from .._core.cluster import NatsCluster
-from .._core.incoming import CONNECT
 from .._core.lifecycle import ClusterState
 from .._errors import ClusterTimeoutError, WrongThreadError
 from .._jetstream.handle import JetStream
@@ -213,6 +213,10 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         :raises WrongThreadError: on the event-loop thread.
         """
+        if _tracing.HOOK is not None:
+            if type(headers) is not _tracing.Traced:
+                return _tracing.HOOK.publish(self.publish, self._core, subject, payload, timeout, headers, ack, msg_id)
+            headers = headers or None
         if ack:
             return self._publish_acked(subject, payload, timeout, headers, msg_id)
         if self._forked:
@@ -233,7 +237,7 @@ class SyncNatsCluster:
         core.prepare(subject, payload, headers)  # bad input raises here, in the caller
         if msg_id is not None:
             check_msg_id(msg_id)
-        coro = core.publish(subject, payload, headers=headers, timeout=wait, ack=True, msg_id=msg_id)
+        coro = core.outgoing.publish_acked(subject, payload, headers, msg_id, wait)  # traced (or not) already
         return self._portal.call(coro, wait + 1.0)
 
     def flush(self, timeout: float | None = None) -> None:
@@ -365,15 +369,11 @@ class SyncNatsCluster:
         queue_group: str = DEFAULT_QUEUE_GROUP,
         timeout: float | None = None,
     ) -> Service:
-        """Start a NATS service (ADR-32) named *name* (``[A-Za-z0-9_-]``) at *version*
-        (semantic), discoverable at once on ``$SRV.PING|INFO|STATS`` by any NATS client;
-        add endpoints with :meth:`Service.endpoint` and :meth:`Service.group`. It stops
-        with :meth:`Service.stop` or this cluster's :meth:`close`.
+        """Start a NATS service (ADR-32): see :class:`Service`. It stops with
+        :meth:`Service.stop` or this cluster's :meth:`close`.
 
         :raises InvalidMessageError, InvalidTypeError: for a bad name, version,
-            description, metadata or queue group.
-        :raises ConnectError, ClusterTimeoutError, ClusterClosedError, WrongThreadError:
-            as :meth:`subscribe`.
+            description, metadata or queue group; otherwise as :meth:`subscribe`.
         """
         return Service(
             self,
@@ -391,21 +391,16 @@ class SyncNatsCluster:
         with any NATS client: their PING, INFO and STATS responses, gathered for *timeout*
         s after the requests are sent (instances that answer later are not listed).
 
-        :raises InvalidMessageError, InvalidTypeError: for a bad name or timeout.
-        :raises ConnectError, ClusterTimeoutError, ClusterClosedError, WrongThreadError:
-            as :meth:`subscribe`.
+        :raises InvalidMessageError, InvalidTypeError: for a bad name or timeout;
+            otherwise as :meth:`subscribe`.
         """
         return discover(self, name, timeout, self._core.logger)
 
     def _send_to(self, subject: str, reply: str, payload: bytes, timeout: float | None) -> None:
         """Queue *payload* for *subject* with the reply subject *reply* (the caller gathers
         the replies itself), connecting first if need be, within *timeout* s."""
-        core = self._enter()
-        deadline = time.monotonic() + self._wait(timeout)
-        while not core.incoming.offer_request(
-            subject, reply.encode(), payload, None, max(0.0, deadline - time.monotonic())
-        ):
-            self._portal.call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
+        self._enter()
+        self._portal.send_with_reply(subject, reply, payload, self._wait(timeout))
 
     def request(
         self,
@@ -428,29 +423,16 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         :raises WrongThreadError: on the event-loop thread.
         """
+        if _tracing.HOOK is not None:
+            if type(headers) is not _tracing.Traced:
+                return _tracing.HOOK.request(self.request, self._core, subject, payload, timeout, headers)
+            headers = headers or None
         if self._forked:
             self._renew_after_fork()
         if threading.get_ident() == self._loop_ident and self._runner.in_loop_thread():  # ids are reused
             raise WrongThreadError("This method cannot be called from the event loop thread", cluster=self.name)
         wait = self._timeout if timeout is None else check_timeout(timeout)
-        core = self._core
-        life = core.incoming.request_life(subject, payload, headers, wait, time.monotonic)
-        try:
-            step, left, waiter = next(life)
-            while True:
-                if waiter is not None:
-                    waiter.wait(left)
-                    step, left, waiter = life.send(None)
-                elif step == CONNECT:
-                    self._portal.call(core.connect(), left, connecting=True)
-                    step, left, waiter = life.send(None)
-                else:  # REPLIES: bounded on its own, as it is shared by every first request
-                    step, left, waiter = life.send(self._portal.call(core.incoming.ensure_replies(left), left + 1.0))
-        except StopIteration as end:
-            reply: Msg = end.value
-            return reply
-        finally:
-            life.close()  # a wait that raised: the request is forgotten
+        return self._portal.request(self._core.incoming.request_life(subject, payload, headers, wait, time.monotonic))
 
     def jetstream(self) -> JetStream:
         """A JetStream handle bound to this cluster (streams, consumers, pull

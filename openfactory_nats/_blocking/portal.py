@@ -16,8 +16,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from .._core.cluster import NatsCluster
+from .._core.incoming import CONNECT, RequestLife
 from .._core.lifecycle import ClusterState
 from .._errors import ClusterClosedError, ClusterTimeoutError, ClusterUnavailableError, WrongThreadError
+from .._message import Msg
 from .._receive.receivers import Receiver
 from .loop import LoopThread
 
@@ -76,6 +78,37 @@ class Portal:
             self.call(core.connect(), remaining, connecting=True)
             if core.outgoing.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
                 return
+
+    def send_with_reply(self, subject: str, reply: str, payload: bytes, wait: float) -> None:
+        """Queue *payload* for *subject* with the reply subject *reply* (the caller gathers
+        the replies itself), connecting first if need be, within *wait* s."""
+        core = self._core
+        deadline = time.monotonic() + wait
+        while not core.incoming.offer_request(
+            subject, reply.encode(), payload, None, max(0.0, deadline - time.monotonic())
+        ):
+            self.call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
+
+    def request(self, life: RequestLife) -> Msg:
+        """Drive a request's life (``Incoming.request_life``) from a blocked thread: wait
+        for what it asks for, and return its reply."""
+        core = self._core
+        try:
+            step, left, waiter = next(life)
+            while True:
+                if waiter is not None:
+                    waiter.wait(left)
+                    step, left, waiter = life.send(None)
+                elif step == CONNECT:
+                    self.call(core.connect(), left, connecting=True)
+                    step, left, waiter = life.send(None)
+                else:  # REPLIES: bounded on its own, as it is shared by every first request
+                    step, left, waiter = life.send(self.call(core.incoming.ensure_replies(left), left + 1.0))
+        except StopIteration as end:
+            reply: Msg = end.value
+            return reply
+        finally:
+            life.close()  # a wait that raised: the request is forgotten
 
     def add(self, receiver: Receiver, wait: float) -> None:
         """Subscribe *receiver* within *wait* s; on failure, leave nothing subscribed."""

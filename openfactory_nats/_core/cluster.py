@@ -15,6 +15,7 @@ from typing import Any, Literal, overload
 
 from nats.aio.client import Client
 
+from .. import _tracing
 from .._errors import ClusterClosedError, ClusterUnavailableError, ConnectTimeoutError
 from .._jetstream.aio import AsyncJetStream
 from .._message import Msg
@@ -167,6 +168,11 @@ class NatsCluster:
         :raises ClusterClosedError: once closing has started.
         """
         self._life.check_open()
+
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        """The host and port of the server connected to now, or None (any thread)."""
+        return self._conn.peer
 
     @property
     def max_payload(self) -> int:
@@ -345,6 +351,12 @@ class NatsCluster:
         :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
         :raises ClusterClosedError: after :meth:`close`.
         """
+        if _tracing.HOOK is not None:
+            if type(headers) is not _tracing.Traced:
+                return await _tracing.HOOK.publish_async(
+                    self.publish, self, subject, payload, timeout, headers, ack, msg_id
+                )
+            headers = headers or None
         self._life.check_open()
         wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
         if ack:
@@ -433,6 +445,10 @@ class NatsCluster:
         :raises BufferFullError: when the outgoing buffer is full.
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         """
+        if _tracing.HOOK is not None:
+            if type(headers) is not _tracing.Traced:
+                return await _tracing.HOOK.request_async(self.request, self, subject, payload, timeout, headers)
+            headers = headers or None
         return await self.incoming.request(subject, payload, timeout, headers=headers)
 
     def respond(self, reply: str, data: bytes, headers: Mapping[str, str] | None) -> None:

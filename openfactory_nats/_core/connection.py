@@ -234,6 +234,13 @@ class Connection:
             f"cluster {self.name!r}: could not connect to [{servers}] within {seconds:g} s{last}", cluster=self.name
         )
 
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        """The host and port of the server connected to now, or None (any thread)."""
+        nc = self.nc
+        url = nc.connected_url if nc is not None and nc.is_connected else None
+        return (url.hostname or "", url.port or 4222) if url is not None else None
+
     def _server_of(self, nc: Client) -> str:
         url = nc.connected_url
         return redact_url(url.geturl()) if url is not None else "?"

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .. import _tracing
 from .._errors import ClusterClosedError, ClusterTimeoutError, NatsClusterError
 from .feeder import Feeder
 from .msg import JsMsg
@@ -139,7 +140,10 @@ class Consumer:
 
     def _handle(self, msg: JsMsg) -> None:
         try:
-            self._handler(msg)
+            if _tracing.HOOK is not None:
+                _tracing.HOOK.jetstream(self._handler, msg, self.consumer)
+            else:
+                self._handler(msg)
         except Exception:
             self._logger.exception(
                 "consumer %s: handler failed on %r (delivery %s); nak", self.consumer, msg.subject, _delivery(msg)

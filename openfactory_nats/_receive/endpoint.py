@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import _tracing
 from .._errors import ServiceError
 from .._message import Msg
 from .replies import SERVICE_ERROR, error_headers
@@ -63,6 +64,7 @@ class Endpoint:
             # A reply that cannot be sent (bad headers, over max_payload) is the handler's error.
             self._check(msg.reply or msg.subject, data, headers)
         except ServiceError as exc:
+            _tracing.failed(exc)
             answer = error_headers(exc)
             self._count(started, f"{exc.code}:{answer[SERVICE_ERROR]}")
             return b"", answer
@@ -73,6 +75,7 @@ class Endpoint:
                 self.name,
                 msg.subject,
             )
+            _tracing.failed(exc)
             answer = error_headers(exc)
             self._count(started, f"500:{answer[SERVICE_ERROR]}")
             return b"", answer

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from operator import attrgetter
 from types import TracebackType
 
+from .. import _tracing
 from .._errors import (
     ClusterTimeoutError,
     InvalidMessageError,
@@ -86,6 +87,7 @@ class Inbox:
     :param check_thread: called first by the methods that may block; it should raise
         (e.g. :class:`WrongThreadError` on the event-loop thread) where blocking would
         deadlock.
+    :param queue: the subscription's queue group, if any (for tracing).
     :raises InvalidTypeError, InvalidMessageError: for a bad limit, or a dispatcher
         without a callback.
     :raises ClusterClosedError: when *dispatcher* is closed.
@@ -102,9 +104,11 @@ class Inbox:
         max_msgs: int = DEFAULT_MAX_MSGS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         check_thread: Callable[[], object] | None = None,
+        queue: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.subject = subject
+        self.queue = queue
         self.max_msgs = check_limit("max_msgs", max_msgs)
         self.max_bytes = check_limit("max_bytes", max_bytes)
         if callback is not None and not callable(callback):
@@ -305,6 +309,8 @@ class Inbox:
         pop = items.popleft
         callback = self._callback
         assert callback is not None and self._dispatcher is not None
+        if _tracing.HOOK is not None:
+            callback = _tracing.HOOK.consumer(callback, self.subject, self.queue)
         count = 0
         while count < budget and self._state is not _CLOSED:
             try:

@@ -128,9 +128,11 @@ class ServiceGroup:
 
 
 class Service:
-    """A NATS service (ADR-32) made by :meth:`SyncNatsCluster.service`: it answers
-    discovery from the start, and the requests to each endpoint added to it, until
-    :meth:`stop` or the cluster's ``close()``. As a context manager it stops on exit.
+    """A NATS service (ADR-32) made by :meth:`SyncNatsCluster.service`, named *name*
+    (``[A-Za-z0-9_-]``) at *version* (semantic): it answers discovery on
+    ``$SRV.PING|INFO|STATS`` from the start, by any NATS client, and the requests to each
+    endpoint added with :meth:`endpoint` and :meth:`group`, until :meth:`stop` or the
+    cluster's ``close()``. As a context manager it stops on exit.
 
     :ivar id: this instance's id (every instance of a service has its own).
     """

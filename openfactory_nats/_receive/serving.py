@@ -9,12 +9,14 @@ timeout.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _tracing
 from .._errors import InvalidMessageError, InvalidTypeError, NatsClusterError
 from .._message import Msg
 from .dispatcher import mark_delivering
@@ -39,8 +41,8 @@ class Workers:
     logger: logging.Logger
     name: str
 
-    def start(self, messages: Callable[[], Iterator[Msg]]) -> list[threading.Thread]:
-        return start_workers(messages, self.handler, self.count, self.logger, self.name)
+    def start(self, messages: Callable[[], Iterator[Msg]], subject: str, queue: str | None) -> list[threading.Thread]:
+        return start_workers(messages, self.handler, self.count, self.logger, self.name, subject, queue)
 
 
 def check_workers(handler: object, workers: object) -> int:
@@ -70,13 +72,20 @@ def reply_of(result: object) -> tuple[bytes, Mapping[str, str] | None]:
 
 
 def start_workers(
-    messages: Callable[[], Iterator[Msg]], handler: Handler, workers: int, logger: logging.Logger, name: str
+    messages: Callable[[], Iterator[Msg]],
+    handler: Handler,
+    workers: int,
+    logger: logging.Logger,
+    name: str,
+    subject: str = "",
+    queue: str | None = None,
 ) -> list[threading.Thread]:
-    """Start *workers* threads that read *messages()* and answer each request."""
+    """Start *workers* threads that read *messages()* and answer each request (of the
+    subscription to *subject*, in the queue group *queue*: for tracing)."""
     threads = [
         threading.Thread(
             target=_work,
-            args=(messages(), handler, logger, name),
+            args=(messages(), handler, logger, name, subject, queue),
             name=f"{name}-{i}" if workers > 1 else name,
             daemon=True,
         )
@@ -87,22 +96,33 @@ def start_workers(
     return threads
 
 
-def _work(messages: Iterator[Msg], handler: Handler, logger: logging.Logger, name: str) -> None:
+def _work(
+    messages: Iterator[Msg], handler: Handler, logger: logging.Logger, name: str, subject: str, queue: str | None
+) -> None:
     mark_delivering()
+    answer = functools.partial(_answer_request, handler=handler, logger=logger, name=name)
     for msg in messages:  # ends once the subscription is closed and empty
-        try:
-            data, headers = reply_of(handler(msg))
-        except BaseException as exc:  # SystemExit too: a dead worker would leave requests unanswered
-            logger.exception("%s: the handler raised on a request to %r; answering with an error", name, msg.subject)
-            data, headers = b"", error_headers(exc)
-        if msg.reply is None:
-            continue  # a plain message, not a request: nobody to answer
+        if _tracing.HOOK is not None:
+            _tracing.HOOK.serve(answer, msg, subject, queue)
+        else:
+            answer(msg)
+
+
+def _answer_request(msg: Msg, *, handler: Handler, logger: logging.Logger, name: str) -> None:
+    try:
+        data, headers = reply_of(handler(msg))
+    except BaseException as exc:  # SystemExit too: a dead worker would leave requests unanswered
+        logger.exception("%s: the handler raised on a request to %r; answering with an error", name, msg.subject)
+        _tracing.failed(exc)
+        data, headers = b"", error_headers(exc)
+    if msg.reply is not None:  # else a plain message, not a request: nobody to answer
         try:
             msg.respond(data, headers=headers)
         except (InvalidMessageError, InvalidTypeError) as exc:  # a reply that cannot be sent
             logger.exception(
                 "%s: the reply to a request to %r cannot be sent; answering with an error", name, msg.subject
             )
+            _tracing.failed(exc)
             _answer(msg, b"", error_headers(exc), logger, name)
         except NatsClusterError as exc:
             logger.error("%s: could not answer a request to %r: %s", name, msg.subject, exc)

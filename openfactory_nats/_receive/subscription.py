@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from types import TracebackType
 from typing import Protocol
 
+from .. import _tracing
 from .._errors import (
     ClusterTimeoutError,
     ClusterUnavailableError,
@@ -105,7 +106,9 @@ class Subscription:
         self._timeout = timeout
         self._pid = os.getpid()
         #: Threads that read this subscription (``serve``): joined when it ends.
-        self._threads: tuple[threading.Thread, ...] = () if workers is None else tuple(workers.start(self.__iter__))
+        self._threads: tuple[threading.Thread, ...] = (
+            () if workers is None else tuple(workers.start(self.__iter__, inbox.subject, parts[0][1].queue))
+        )
 
     def __repr__(self) -> str:
         return f"<Subscription {self.subject!r} queue={self.queue!r} on {self._name!r}>"
@@ -281,6 +284,7 @@ def open_subscription(
         max_msgs=max_pending_msgs,
         max_bytes=max_pending_bytes,
         check_thread=first.thread_check(),
+        queue=group,
     )
     if workers is not None:
         inbox.wake_lazily(SPREAD_AFTER)  # before the first request can come in
@@ -401,6 +405,9 @@ class AsyncSubscription:
     async def _deliver(self) -> None:
         callback = self._callback
         assert callback is not None
+        if _tracing.HOOK is not None:
+            queue = self.receiver.queue if self.receiver is not None else None
+            callback = _tracing.HOOK.consumer_async(callback, self.subject, queue)
         while self._items:
             msg = self._pop()
             try:
