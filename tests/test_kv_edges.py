@@ -184,3 +184,38 @@ def test_stopped_watches_leave_no_consumer_or_subscription(nc: SyncNatsCluster, 
     kv.history("a")
     assert nc.stats()["subscriptions"] == before
     _wait(lambda: _consumers(jetstream_server.url, "KV_assets") == 0)
+
+
+@pytest.mark.timeout(60)
+def test_stop_while_the_consumer_is_being_made_again_leaves_nothing(
+    nc: SyncNatsCluster, jetstream_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kv = nc.jetstream().create_key_value("assets")
+    kv.put("a", b"1")
+    before = nc.stats()["subscriptions"]
+    w = kv.watch(">", lambda e: None)
+    w.wait_caught_up(5)
+    entered, release = threading.Event(), threading.Event()
+    real = nc.request
+
+    def slow_request(subject: str, *args: Any, **kwargs: Any) -> Any:
+        if ".CONSUMER.CREATE." in subject:
+            entered.set()
+            release.wait(10)
+        return real(subject, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "request", slow_request)
+
+    def reset() -> None:  # as a subscription's thread after a gap
+        with w._lock:
+            w._reset()
+
+    t = threading.Thread(target=reset)
+    t.start()
+    assert entered.wait(5)
+    w.stop(5)
+    release.set()
+    t.join(10)
+    monkeypatch.setattr(nc, "request", real)
+    _wait(lambda: nc.stats()["subscriptions"] == before)
+    _wait(lambda: _consumers(jetstream_server.url, "KV_assets") == 0)

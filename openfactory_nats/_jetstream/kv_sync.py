@@ -413,6 +413,10 @@ class Watch:
             if isinstance(exc, StreamNotFoundError):
                 raise kv.not_found(self._state.bucket, self._nats.name, exc) from None
             raise
+        if self._stopped.is_set():  # stop() ran meanwhile and did not see these: undo them
+            sub.unsubscribe(min(wait, 2.0))
+            self._delete(self._state.consumer, min(wait, 2.0))
+            return
         if self._sub is not None:
             self._retired.append(self._sub)
         self._sub = sub
