@@ -63,6 +63,7 @@ PUT, DEL, PURGE = "PUT", "DEL", "PURGE"
 OP_HEADER = "KV-Operation"
 ROLLUP_HEADER = "Nats-Rollup"
 EXPECTED_LAST = "Nats-Expected-Last-Subject-Sequence"
+MSG_ID = "Nats-Msg-Id"
 WRONG_LAST_SEQUENCE = (10071, 10164)
 _MARKER_REASON = "Nats-Marker-Reason"  # nats-server 2.11+: markers the server places itself
 _BUCKET_RE = re.compile(r"[a-zA-Z0-9_-]+")
@@ -399,7 +400,10 @@ class WatchState:
         }
         if self.headers_only:
             config["headers_only"] = True
-        if self.last > 0 and (self.caught_up or self.include_history):
+        # updates_only: after the first consumer, resume after the stream's last sequence
+        # it started from (see created()), not at "new" (what came in between is missed).
+        resume = self.last > 0 or (self.updates_only and self.generation > 1)
+        if resume and (self.caught_up or self.include_history):
             config["deliver_policy"] = "by_start_sequence"
             config["opt_start_seq"] = self.last + 1
         elif self.updates_only:
@@ -413,6 +417,10 @@ class WatchState:
     def created(self, body: Mapping[str, Any]) -> bool:
         """The consumer was made (its API answer); returns True when that makes the watch
         caught up (nothing to deliver first)."""
+        if self.updates_only and self.last == 0:
+            delivered = body.get("delivered")
+            if isinstance(delivered, Mapping) and isinstance(delivered.get("stream_seq"), int):
+                self.last = delivered["stream_seq"]
         if not self.caught_up and (self.updates_only or int(body.get("num_pending", 0)) == 0):
             self.caught_up = True
             return True

@@ -20,6 +20,7 @@ from .._errors import (
     KeyNotFoundError,
     NatsClusterError,
     NoRespondersError,
+    RevisionMismatchError,
     StreamNotFoundError,
     SubscriptionClosedError,
     SubscriptionModeError,
@@ -27,8 +28,8 @@ from .._errors import (
 from .._message import Msg
 from .._receive.subscription import AsyncSubscription
 from .._wire import check_timeout
-from . import api, kv
-from .kv import DEL, EXPECTED_LAST, OP_HEADER, PURGE, ROLLUP_HEADER, Entry, Step, WatchState
+from . import api, kv, kv_write
+from .kv import DEL, OP_HEADER, PURGE, ROLLUP_HEADER, Entry, Step, WatchState
 
 __all__ = ("AsyncKeyValue", "AsyncWatch")
 
@@ -86,10 +87,22 @@ class AsyncKeyValue:
     async def _write(
         self, key: str, value: bytes, headers: dict[str, str] | None, last: int | None, wait: float
     ) -> int:
-        if last is not None:
-            headers = {**(headers or {}), EXPECTED_LAST: str(last)}
+        headers = kv_write.write_headers(headers, last)
         reply = await self._request(self._prefix + key, value, wait, headers)
-        return kv.read_pub_ack(reply.data, self.bucket, key, last, self._core.name)
+        try:
+            return kv.read_pub_ack(reply.data, self.bucket, key, last, self._core.name)
+        except RevisionMismatchError:
+            if headers is None or kv.MSG_ID not in headers:
+                raise
+            try:  # the conflict may be our own write, sent again after a lost connection
+                subject, query = kv_write.last_query(self.bucket, key)
+                got: Msg | None = await self._request(subject, query, wait)
+            except NatsClusterError:
+                got = None
+            revision = None if got is None else kv_write.written_by(got.data, headers[kv.MSG_ID])
+            if revision is None:
+                raise
+            return revision
 
     async def put(self, key: str, value: bytes, timeout: float | None = None) -> int:
         kv.check_key(key)
@@ -107,7 +120,10 @@ class AsyncKeyValue:
             except KeyNotFoundError as gone:
                 if not gone.revision:
                     raise
-                return await self._write(key, data, None, gone.revision, wait)
+                try:
+                    return await self._write(key, data, None, gone.revision, wait)
+                except RevisionMismatchError as exc:  # another writer came first
+                    raise kv_write.key_exists(exc) from None
             raise
 
     async def update(self, key: str, value: bytes, last: int, timeout: float | None = None) -> int:
@@ -208,7 +224,14 @@ class AsyncWatch:
         return self._state.last
 
     async def _start(self) -> None:
-        await self._create(self._timeout)
+        try:
+            await self._create(self._timeout)
+        except BaseException as exc:
+            if self._sub is not None:
+                await self._sub.unsubscribe()
+            if not isinstance(exc, JetStreamError):
+                self._stale(self._state.consumer)  # it may exist all the same
+            raise
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _create(self, wait: float) -> None:

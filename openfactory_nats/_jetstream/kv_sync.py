@@ -18,6 +18,7 @@ from .._errors import (
     KeyNotFoundError,
     NatsClusterError,
     NoRespondersError,
+    RevisionMismatchError,
     StreamNotFoundError,
     SubscriptionClosedError,
     SubscriptionModeError,
@@ -26,8 +27,8 @@ from .._message import Msg
 from .._receive.dispatcher import Dispatcher
 from .._receive.subscription import Subscription
 from .._wire import check_timeout
-from . import api, kv
-from .kv import DEL, EXPECTED_LAST, OP_HEADER, PURGE, ROLLUP_HEADER, Entry, Step, WatchState
+from . import api, kv, kv_write
+from .kv import DEL, OP_HEADER, PURGE, ROLLUP_HEADER, Entry, Step, WatchState
 
 __all__ = ("KeyValue", "Watch")
 
@@ -107,14 +108,30 @@ class KeyValue:
 
     # -- writing -------------------------------------------------------------------
     def _write(self, key: str, value: bytes, headers: dict[str, str] | None, last: int | None, wait: float) -> int:
-        if last is not None:
-            headers = {**(headers or {}), EXPECTED_LAST: str(last)}
+        headers = kv_write.write_headers(headers, last)
+        deadline = time.monotonic() + wait
         reply = self._request(self._prefix + key, value, wait, headers)
-        return kv.read_pub_ack(reply.data, self.bucket, key, last, self._nats.name)
+        try:
+            return kv.read_pub_ack(reply.data, self.bucket, key, last, self._nats.name)
+        except RevisionMismatchError:
+            if headers is None or kv.MSG_ID not in headers:
+                raise
+            try:  # the conflict may be our own write, sent again after a lost connection
+                subject, query = kv_write.last_query(self.bucket, key)
+                got = self._request(subject, query, max(0.0, deadline - time.monotonic()))
+            except NatsClusterError:
+                got = None
+            revision = None if got is None else kv_write.written_by(got.data, headers[kv.MSG_ID])
+            if revision is None:
+                raise
+            return revision
 
     def put(self, key: str, value: bytes, timeout: float | None = None) -> int:
         """Store *value* under *key*; returns its revision. Identical values put twice
-        are two revisions (no de-duplication).
+        are two revisions (no de-duplication); so is a put whose answer was lost with the
+        connection and that was sent again on the next (at least once). A conditional
+        write sent again that way (create, update, delete with *last*) reports its
+        first revision, not a conflict.
 
         :raises InvalidMessageError: for a bad key (wildcards, spaces, empty, leading or
             trailing dot); :raises InvalidTypeError: for a value that is not bytes-like.
@@ -140,7 +157,10 @@ class KeyValue:
             except KeyNotFoundError as gone:
                 if not gone.revision:
                     raise
-                return self._write(key, data, None, gone.revision, max(0.0, deadline - time.monotonic()))
+                try:
+                    return self._write(key, data, None, gone.revision, max(0.0, deadline - time.monotonic()))
+                except RevisionMismatchError as exc:  # another writer came first
+                    raise kv_write.key_exists(exc) from None
             raise
 
     def update(self, key: str, value: bytes, last: int, timeout: float | None = None) -> int:
@@ -393,6 +413,10 @@ class Watch:
             if isinstance(exc, StreamNotFoundError):
                 raise kv.not_found(self._state.bucket, self._nats.name, exc) from None
             raise
+        if self._stopped.is_set():  # stop() ran meanwhile and did not see these: undo them
+            sub.unsubscribe(min(wait, 2.0))
+            self._delete(self._state.consumer, min(wait, 2.0))
+            return
         if self._sub is not None:
             self._retired.append(self._sub)
         self._sub = sub
