@@ -160,13 +160,15 @@ def test_a_pool_keeps_working_across_a_server_crash(
     with js.consume("work.>", handler, "crashpool", workers=4, ack_wait=2) as consumer:
         assert wait_until(lambda: len(handled) > 150, timeout=20)
         crash_and_restart(jetstream_server)
+        before = len(handled)
         assert wait_until(lambda: set(handled) == set(range(n)), timeout=30), len(set(handled))
         assert wait_until(lambda: peer.consumer_info("WORK", "crashpool").ack_floor.stream_seq == n, timeout=10), (
             peer.consumer_info("WORK", "crashpool")
         )
-    # At least once: an ack lost in the crash means a second delivery (a few), never a missing one.
+    # At least once: an ack the crash lost (the server may restore an older consumer state)
+    # means a second delivery of a message handled before it, never a missing one.
     assert consumer.failed == 0 and consumer.processed == len(handled)
-    assert len(handled) - n < 50, len(handled)
+    assert len(handled) - n <= before, (len(handled), before)
 
 
 # -- a stopped server ------------------------------------------------------------------
