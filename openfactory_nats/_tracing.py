@@ -2,9 +2,10 @@
 
 :data:`HOOK` is None unless :func:`openfactory_nats.otel.instrument` set it. Every traced
 place (publish and request, blocking and asyncio; the callbacks of subscriptions;
-``serve`` and service handlers; JetStream ``consume`` handlers) tests it once, before
-anything else, and does its usual work when it is None: tracing costs one attribute test
-when off, and nothing here imports OpenTelemetry.
+``serve`` and service handlers; JetStream ``consume`` handlers) reads it once, into a
+local (``uninstrument()`` may clear it meanwhile, from another thread), before anything
+else, and does its usual work when it is None: tracing costs one attribute test when off,
+and nothing here imports OpenTelemetry.
 
 A traced publish or request calls the public method again with its headers wrapped in
 :class:`Traced` (the tracer's span is made, its context injected): the method unwraps

@@ -213,9 +213,9 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close`.
         :raises WrongThreadError: on the event-loop thread.
         """
-        if _tracing.HOOK is not None:
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
             if type(headers) is not _tracing.Traced:
-                return _tracing.HOOK.publish(self.publish, self._core, subject, payload, timeout, headers, ack, msg_id)
+                return hook.publish(self.publish, self._core, subject, payload, timeout, headers, ack, msg_id)
             headers = headers or None
         if ack:
             return self._publish_acked(subject, payload, timeout, headers, msg_id)
@@ -423,9 +423,9 @@ class SyncNatsCluster:
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         :raises WrongThreadError: on the event-loop thread.
         """
-        if _tracing.HOOK is not None:
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
             if type(headers) is not _tracing.Traced:
-                return _tracing.HOOK.request(self.request, self._core, subject, payload, timeout, headers)
+                return hook.request(self.request, self._core, subject, payload, timeout, headers)
             headers = headers or None
         if self._forked:
             self._renew_after_fork()

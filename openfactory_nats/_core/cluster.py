@@ -351,11 +351,9 @@ class NatsCluster:
         :raises ClusterTimeoutError: with ``ack``, when no acknowledgement came in time.
         :raises ClusterClosedError: after :meth:`close`.
         """
-        if _tracing.HOOK is not None:
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
             if type(headers) is not _tracing.Traced:
-                return await _tracing.HOOK.publish_async(
-                    self.publish, self, subject, payload, timeout, headers, ack, msg_id
-                )
+                return await hook.publish_async(self.publish, self, subject, payload, timeout, headers, ack, msg_id)
             headers = headers or None
         self._life.check_open()
         wait = check_timeout(timeout) if timeout is not None else (DEFAULT_ACK_TIMEOUT if ack else 0.0)
@@ -445,9 +443,9 @@ class NatsCluster:
         :raises BufferFullError: when the outgoing buffer is full.
         :raises ClusterClosedError: after :meth:`close` (also when it starts meanwhile).
         """
-        if _tracing.HOOK is not None:
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
             if type(headers) is not _tracing.Traced:
-                return await _tracing.HOOK.request_async(self.request, self, subject, payload, timeout, headers)
+                return await hook.request_async(self.request, self, subject, payload, timeout, headers)
             headers = headers or None
         return await self.incoming.request(subject, payload, timeout, headers=headers)
 

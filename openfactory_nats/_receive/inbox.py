@@ -309,8 +309,8 @@ class Inbox:
         pop = items.popleft
         callback = self._callback
         assert callback is not None and self._dispatcher is not None
-        if _tracing.HOOK is not None:
-            callback = _tracing.HOOK.consumer(callback, self.subject, self.queue)
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
+            callback = hook.consumer(callback, self.subject, self.queue)
         count = 0
         while count < budget and self._state is not _CLOSED:
             try:

@@ -102,8 +102,8 @@ def _work(
     mark_delivering()
     answer = functools.partial(_answer_request, handler=handler, logger=logger, name=name)
     for msg in messages:  # ends once the subscription is closed and empty
-        if _tracing.HOOK is not None:
-            _tracing.HOOK.serve(answer, msg, subject, queue)
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
+            hook.serve(answer, msg, subject, queue)
         else:
             answer(msg)
 

@@ -405,9 +405,9 @@ class AsyncSubscription:
     async def _deliver(self) -> None:
         callback = self._callback
         assert callback is not None
-        if _tracing.HOOK is not None:
+        if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may clear it
             queue = self.receiver.queue if self.receiver is not None else None
-            callback = _tracing.HOOK.consumer_async(callback, self.subject, queue)
+            callback = hook.consumer_async(callback, self.subject, queue)
         while self._items:
             msg = self._pop()
             try:
