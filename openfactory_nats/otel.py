@@ -48,6 +48,10 @@ given as ``messaging.destination.subscription.name``), ``server.address`` and
 ``server.port`` (the server a publish or request goes to, when connected), and
 ``error.type`` with the exception's class.
 
+OpenTelemetry never breaks messaging: when the SDK, a span processor or the propagator
+raises, the message goes on without that span or context, and the failure is logged
+once (per kind: starting or ending a span, injecting, extracting).
+
 Free when off: before :func:`instrument`, after :func:`uninstrument`, and when the
 provider can record nothing (a no-op provider, or a sampler that is ``ALWAYS_OFF``) the
 library tests one module attribute per publish and per batch of received messages; no
@@ -56,6 +60,7 @@ context is propagated then either.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -83,6 +88,8 @@ _INTERNAL = "$JS."  # the library's own JetStream traffic: API requests, acknowl
 _MSG_ID = "Nats-Msg-Id"
 _lock = threading.Lock()
 _instrumented = False
+_log = logging.getLogger(__name__)
+_told: set[str] = set()  # what OpenTelemetry failed to do, logged once each
 
 
 def instrument(tracer_provider: TracerProvider | None = None, propagator: TextMapPropagator | None = None) -> None:
@@ -149,13 +156,33 @@ def _body_size(payload: object) -> int | None:
     return None  # not bytes-like: the publish raises
 
 
+def _broken(what: str, exc: Exception) -> None:
+    """OpenTelemetry (the SDK, a span processor, a propagator) raised: messaging goes on
+    without it, and each kind of failure is logged once."""
+    with _lock:
+        if what in _told:
+            return
+        _told.add(what)
+    _log.error("OpenTelemetry failed to %s; messages go on without it (logged once): %r", what, exc, exc_info=exc)
+
+
+def _end(span: Span) -> None:
+    try:
+        span.end()
+    except Exception as exc:
+        _broken("end a span", exc)
+
+
 def _record(span: Span, exc: BaseException) -> None:
-    if span.is_recording():
-        kind = type(exc)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        span.set_attribute("error.type", name)
-        span.record_exception(exc)
-        span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))
+    try:
+        if span.is_recording():
+            kind = type(exc)
+            name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+            span.set_attribute("error.type", name)
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, f"{kind.__name__}: {exc}"))
+    except Exception as broken:
+        _broken("record an exception", broken)
 
 
 class _Tracer:
@@ -171,7 +198,8 @@ class _Tracer:
     # -- sending -----------------------------------------------------------------------
     def _start_send(
         self, core: Any, operation: str, kind: SpanKind, subject: str, payload: object, msg_id: str | None
-    ) -> Span:
+    ) -> Span | None:
+        """The span of a send, or None when OpenTelemetry failed to start one."""
         attributes: dict[str, Any] = {
             "messaging.system": _SYSTEM,
             "messaging.destination.name": subject,
@@ -186,7 +214,11 @@ class _Tracer:
         peer = core.peer
         if peer is not None:
             attributes["server.address"], attributes["server.port"] = peer
-        return self._tracer.start_span(f"{operation} {subject}", kind=kind, attributes=attributes)
+        try:
+            return self._tracer.start_span(f"{operation} {subject}", kind=kind, attributes=attributes)
+        except Exception as exc:
+            _broken("start a span", exc)
+            return None
 
     def _headers(self, span: Span, headers: Mapping[str, str] | None) -> _tracing.Traced:
         """The headers to send: the caller's, and the span's context unless they hold one."""
@@ -194,7 +226,11 @@ class _Tracer:
             encode_headers(headers)  # raises what the publish would
         carrier = _tracing.Traced(headers) if headers else _tracing.Traced()
         if not _has_traceparent(headers):
-            self._textmap().inject(carrier, context=trace.set_span_in_context(span))
+            try:
+                self._textmap().inject(carrier, context=trace.set_span_in_context(span))
+            except Exception as exc:
+                _broken("inject a context into headers", exc)
+                return _tracing.Traced(headers) if headers else _tracing.Traced()  # what it wrote, undone
         return carrier
 
     def publish(
@@ -211,13 +247,15 @@ class _Tracer:
         if not isinstance(subject, str) or subject.startswith(_INTERNAL):
             return send(subject, payload, timeout, headers=_untouched(headers), ack=ack, msg_id=msg_id)
         span = self._start_send(core, "send", SpanKind.PRODUCER, subject, payload, msg_id)
+        if span is None:
+            return send(subject, payload, timeout, headers=_untouched(headers), ack=ack, msg_id=msg_id)
         try:
             return send(subject, payload, timeout, headers=self._headers(span, headers), ack=ack, msg_id=msg_id)
         except BaseException as exc:
             _record(span, exc)
             raise
         finally:
-            span.end()
+            _end(span)
 
     async def publish_async(
         self,
@@ -233,6 +271,8 @@ class _Tracer:
         if not isinstance(subject, str) or subject.startswith(_INTERNAL):
             return await send(subject, payload, headers=_untouched(headers), timeout=timeout, ack=ack, msg_id=msg_id)
         span = self._start_send(core, "send", SpanKind.PRODUCER, subject, payload, msg_id)
+        if span is None:
+            return await send(subject, payload, headers=_untouched(headers), timeout=timeout, ack=ack, msg_id=msg_id)
         try:
             traced = self._headers(span, headers)
             return await send(subject, payload, headers=traced, timeout=timeout, ack=ack, msg_id=msg_id)
@@ -240,7 +280,7 @@ class _Tracer:
             _record(span, exc)
             raise
         finally:
-            span.end()
+            _end(span)
 
     def request(
         self,
@@ -254,13 +294,15 @@ class _Tracer:
         if not isinstance(subject, str) or subject.startswith(_INTERNAL):
             return send(subject, payload, timeout, headers=_untouched(headers))
         span = self._start_send(core, "request", SpanKind.CLIENT, subject, payload, None)
+        if span is None:
+            return send(subject, payload, timeout, headers=_untouched(headers))
         try:
             return send(subject, payload, timeout, headers=self._headers(span, headers))
         except BaseException as exc:
             _record(span, exc)
             raise
         finally:
-            span.end()
+            _end(span)
 
     async def request_async(
         self,
@@ -274,16 +316,21 @@ class _Tracer:
         if not isinstance(subject, str) or subject.startswith(_INTERNAL):
             return await send(subject, payload, timeout, headers=_untouched(headers))
         span = self._start_send(core, "request", SpanKind.CLIENT, subject, payload, None)
+        if span is None:
+            return await send(subject, payload, timeout, headers=_untouched(headers))
         try:
             return await send(subject, payload, timeout, headers=self._headers(span, headers))
         except BaseException as exc:
             _record(span, exc)
             raise
         finally:
-            span.end()
+            _end(span)
 
     # -- receiving ---------------------------------------------------------------------
-    def _start_process(self, msg: Any, kind: SpanKind, filt: str | None, group: str | None, sub: str | None) -> Span:
+    def _start_process(
+        self, msg: Any, kind: SpanKind, filt: str | None, group: str | None, sub: str | None
+    ) -> Span | None:
+        """The span of a message's handling, or None when OpenTelemetry failed to start one."""
         subject: str = msg.subject
         data = msg.data
         attributes: dict[str, Any] = {
@@ -307,13 +354,20 @@ class _Tracer:
             msg_id = headers.get(_MSG_ID)
             if msg_id is not None:
                 attributes["messaging.message.id"] = msg_id
-            parent = self._textmap().extract(headers, context=Context(), getter=_GETTER)
+            try:
+                parent = self._textmap().extract(headers, context=Context(), getter=_GETTER)
+            except Exception as exc:
+                _broken("extract a context from headers", exc)
             creation = trace.get_current_span(parent).get_span_context()
             if creation.is_valid:
                 links = (Link(creation),)
-        return self._tracer.start_span(
-            f"process {destination}", context=parent, kind=kind, attributes=attributes, links=links
-        )
+        try:
+            return self._tracer.start_span(
+                f"process {destination}", context=parent, kind=kind, attributes=attributes, links=links
+            )
+        except Exception as exc:
+            _broken("start a span", exc)
+            return None
 
     def _process(
         self,
@@ -325,12 +379,17 @@ class _Tracer:
         sub: str | None = None,
     ) -> T:
         span = self._start_process(msg, kind, filt, group, sub)
-        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-            try:
-                return run(msg)
-            except BaseException as exc:
-                _record(span, exc)
-                raise
+        if span is None:
+            return run(msg)
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                try:
+                    return run(msg)
+                except BaseException as exc:
+                    _record(span, exc)
+                    raise
+        finally:
+            _end(span)
 
     def consumer(self, callback: Callable[[Any], object], subject: str, queue: str | None) -> Callable[[Any], object]:
         def traced(msg: Any) -> object:
@@ -343,12 +402,17 @@ class _Tracer:
     ) -> Callable[[Any], Awaitable[object]]:
         async def traced(msg: Any) -> object:
             span = self._start_process(msg, SpanKind.CONSUMER, subject, queue, None)
-            with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
-                try:
-                    return await callback(msg)
-                except BaseException as exc:
-                    _record(span, exc)
-                    raise
+            if span is None:
+                return await callback(msg)
+            try:
+                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                    try:
+                        return await callback(msg)
+                    except BaseException as exc:
+                        _record(span, exc)
+                        raise
+            finally:
+                _end(span)
 
         return traced
 

@@ -203,6 +203,42 @@ def otel_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 
 
 @pytest.mark.timeout(30)
+def test_a_broken_propagator_is_contained_and_logged_once(
+    provider: TracerProvider, client: SyncNatsCluster, service: SyncNatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    otel._told.clear()  # logged once per process: this test's own
+    spans = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    otel.instrument(tracer_provider=provider, propagator=BrokenPropagator())
+    try:
+        with caplog.at_level(logging.WARNING, logger="openfactory_nats.otel"):
+            got = messaging_works(client, service, "edge.badprop")
+    finally:
+        otel.uninstrument()
+    assert all(msg.headers == {"k": "v"} for msg in got)  # nothing injected
+    records = otel_records(caplog)
+    assert len(records) == 2, [r.getMessage() for r in records]  # inject once, extract once
+    finished = wait_spans(spans, 8)
+    assert len([s for s in finished if s.kind is SpanKind.PRODUCER]) == 3  # still traced
+
+
+@pytest.mark.timeout(30)
+def test_a_span_processor_that_raises_is_contained_and_logged_once(
+    provider: TracerProvider, client: SyncNatsCluster, service: SyncNatsCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    otel._told.clear()  # logged once per process: this test's own
+    provider.add_span_processor(BrokenProcessor())
+    otel.instrument(tracer_provider=provider)
+    try:
+        with caplog.at_level(logging.WARNING, logger="openfactory_nats.otel"):
+            messaging_works(client, service, "edge.badproc")
+    finally:
+        otel.uninstrument()
+    records = otel_records(caplog)
+    assert 1 <= len(records) <= 2, [r.getMessage() for r in records]  # a span's start, its end
+
+
+@pytest.mark.timeout(30)
 def test_an_exporter_that_raises_breaks_nothing(
     provider: TracerProvider, client: SyncNatsCluster, service: SyncNatsCluster
 ) -> None:
