@@ -94,8 +94,9 @@ class Consumer:
 
     @property
     def running(self) -> bool:
-        """True until :meth:`stop` (or the cluster's close) ended it."""
-        return not self._stopping.is_set()
+        """True until :meth:`stop` (or the cluster's close, or handlers raising a
+        BaseException in every worker) ended it."""
+        return not self._stopping.is_set() and any(t.is_alive() for t in self._threads)
 
     @property
     def workers(self) -> tuple[threading.Thread, ...]:
@@ -116,47 +117,60 @@ class Consumer:
             for msg in msgs:
                 if stopping.is_set():  # fetched while stopping: back to the server at once
                     _nak_quietly(msg)
-                else:
-                    self._run(msg)
+                elif not self._run(msg):
+                    return  # the handler raised a BaseException: this worker ends
 
     def _take(self) -> None:
         feeder = self._feeder
         assert feeder is not None
         while (msg := feeder.take()) is not None:
+            alive = False
             try:
-                self._run(msg)
+                alive = self._run(msg)
             finally:
-                feeder.done()
+                feeder.done(alive)
+            if not alive:
+                return  # the handler raised a BaseException: this worker ends
+        self._stopping.set()  # the feeder stopped: stop(), the cluster's close, no worker left
 
-    def _run(self, msg: JsMsg) -> None:
+    def _run(self, msg: JsMsg) -> bool:
+        """Handle *msg*; False when the worker is to end."""
         name = threading.current_thread().name
         with self._lock:
             self._handling.add(name)
         try:
-            self._handle(msg)
+            return self._handle(msg)
         finally:
             with self._lock:
                 self._handling.discard(name)
 
-    def _handle(self, msg: JsMsg) -> None:
+    def _handle(self, msg: JsMsg) -> bool:
+        """Run the handler and settle *msg*; False when the handler raised a
+        BaseException (SystemExit...): the message is naked and the worker ends."""
         try:
             if _tracing.HOOK is not None:
                 _tracing.HOOK.jetstream(self._handler, msg, self.consumer)
             else:
                 self._handler(msg)
-        except Exception:
+        except BaseException as exc:
+            fatal = not isinstance(exc, Exception)
             self._logger.exception(
-                "consumer %s: handler failed on %r (delivery %s); nak", self.consumer, msg.subject, _delivery(msg)
+                "consumer %s: handler failed on %r (delivery %s); nak%s",
+                self.consumer,
+                msg.subject,
+                _delivery(msg),
+                "; this worker ends" if fatal else "",
             )
             with self._lock:
                 self.failed += 1
             self._count("js_failed", 1)
             self._settle(msg, failed=True)
-            return
+            return not fatal
         with self._lock:
             self.processed += 1
         self._count("js_processed", 1)
         self._settle(msg, failed=False)
+        return True
 
     def _settle(self, msg: JsMsg, *, failed: bool) -> None:
         if msg.acked:  # the handler acked, naked or termed it itself

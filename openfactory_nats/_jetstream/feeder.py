@@ -24,6 +24,8 @@ __all__ = ("Feeder",)
 
 _POLL = 1.0
 _BACKOFF = 0.5
+#: The largest batch of a fetch (idle workers plus a prefetch of 100000 ask for more).
+_MAX_BATCH = 100_000
 
 
 class PullSubscription(Protocol):
@@ -48,6 +50,7 @@ class Feeder:
         self._has_room = threading.Condition(self._lock)
         self._queue: deque[list[object]] = deque()  # [fetched or kept alive at, message]
         self._idle = workers
+        self._workers = workers
         #: Fetch when at least this many can be taken (batches, not one at a time).
         self._low_water = max(1, (workers + prefetch) // 4)
         self._stopping = False
@@ -72,7 +75,7 @@ class Feeder:
             if credit < self._low_water:
                 continue
             try:
-                msgs = sub.fetch(credit, check_every)  # short: the keep-alive waits for it
+                msgs = sub.fetch(min(credit, _MAX_BATCH), check_every)  # short: the keep-alive waits for it
             except ClusterClosedError:  # the cluster closed, or the pool was stopped
                 self.stop()
                 return
@@ -120,12 +123,19 @@ class Feeder:
         assert isinstance(msg, JsMsg)
         return msg
 
-    def done(self) -> None:
-        """(A worker) Its message is handled: it is idle again."""
+    def done(self, alive: bool = True) -> None:
+        """(A worker) Its message is handled: it is idle again; or, not *alive*, it ended
+        (its handler raised a BaseException). Once no worker is left, feeding stops."""
         with self._lock:
-            self._idle += 1
+            if alive:
+                self._idle += 1
+            else:
+                self._workers -= 1
+            last = self._workers == 0
             if self._credit() >= self._low_water:
                 self._has_room.notify()
+        if last:  # nothing would take what is queued: give it back, keep nothing alive
+            self.stop()
 
     def stop(self) -> None:
         """Stop feeding and taking; nak what is queued (redelivered at once)."""
