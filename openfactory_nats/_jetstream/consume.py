@@ -148,8 +148,8 @@ class Consumer:
         """Run the handler and settle *msg*; False when the handler raised a
         BaseException (SystemExit...): the message is naked and the worker ends."""
         try:
-            if _tracing.HOOK is not None:
-                _tracing.HOOK.jetstream(self._handler, msg, self.consumer)
+            if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may run meanwhile
+                hook.jetstream(self._handler, msg, self.consumer)
             else:
                 self._handler(msg)
         except BaseException as exc:

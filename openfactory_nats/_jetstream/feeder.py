@@ -81,7 +81,9 @@ class Feeder:
                 return
             except NatsClusterError as exc:
                 self._logger.warning("consumer %s: fetch failed, retrying: %s", sub.consumer, exc)
-                time.sleep(_BACKOFF)
+                with self._lock:  # a pause stop() ends at once
+                    if not self._stopping:
+                        self._has_room.wait(min(_BACKOFF, check_every))
                 continue
             if not msgs:
                 continue
