@@ -5,6 +5,7 @@ another, and what a failed watch leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import threading
 import time
@@ -17,10 +18,13 @@ import pytest
 from openfactory_nats import (
     BucketNotFoundError,
     Entry,
+    InvalidMessageError,
     KeyExistsError,
     NatsCluster,
     SyncNatsCluster,
 )
+from openfactory_nats._jetstream import kv
+from openfactory_nats._jetstream.msg import parse_metadata
 
 from .servers import NatsServer, TcpProxy
 
@@ -219,3 +223,37 @@ def test_stop_while_the_consumer_is_being_made_again_leaves_nothing(
     monkeypatch.setattr(nc, "request", real)
     _wait(lambda: nc.stats()["subscriptions"] == before)
     _wait(lambda: _consumers(jetstream_server.url, "KV_assets") == 0)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.KV_B.c_1.1.42.7.1764868371123456789.3",  # v1
+        "$JS.ACK.hub.ACCHASH.KV_B.c_1.2.42.7.1764868371123456789.0.rnd",  # v2, with domain and account
+        "$JS.ACK._.ACCHASH.KV_B.c_1.1.42.7.1764868371000000000.5",
+        "$JS.ACK.KV_B.c_1.x.42.7.1.3",  # an unreadable number
+        "$JS.ACK.KV_B.c_1.1.42.7.1",  # too short
+        "$JS.NAK.KV_B.c_1.1.42.7.1764868371123456789.3",
+        "_INBOX.abc",
+        "",
+        None,
+    ],
+)
+def test_a_watch_reads_ack_subjects_as_parse_metadata_does(reply: str | None) -> None:
+    """The watch's own reader of ``$JS.ACK`` subjects (once per message, without the
+    objects parse_metadata makes) agrees with parse_metadata, timestamp included."""
+    try:
+        meta = parse_metadata(reply)
+    except InvalidMessageError:
+        assert kv._ack_fields(reply) is None
+        return
+    got = kv._ack_fields(reply)
+    assert got is not None
+    consumer, seq, consumer_seq, stamp, pending = got
+    assert (consumer, seq, consumer_seq, pending) == (
+        meta.consumer,
+        meta.sequence.stream,
+        meta.sequence.consumer,
+        meta.num_pending,
+    )
+    assert datetime.datetime.fromtimestamp(stamp / 1e9, tz=datetime.UTC) == meta.timestamp

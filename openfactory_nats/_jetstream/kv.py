@@ -41,7 +41,6 @@ from .._errors import (
 )
 from .._message import Msg
 from . import api
-from .msg import parse_metadata
 
 __all__ = (
     "DEL",
@@ -449,17 +448,14 @@ class WatchState:
             if last is not None and last.isdigit() and int(last) != self.delivered:
                 return Step.RESET, None
             return Step.ALIVE, None
-        try:
-            meta = parse_metadata(msg.reply)
-        except InvalidMessageError:
+        ack = _ack_fields(msg.reply)
+        if ack is None or ack[0] != self.consumer:
             return Step.IGNORE, None
-        if meta.consumer != self.consumer:
-            return Step.IGNORE, None
-        if meta.sequence.consumer != self.delivered + 1:
+        _, seq, consumer_seq, stamp, pending = ack
+        if consumer_seq != self.delivered + 1:
             return Step.RESET, None
-        self.delivered += 1
-        seq = meta.sequence.stream
-        if not self.caught_up and meta.num_pending == 0:
+        self.delivered = consumer_seq
+        if not self.caught_up and pending == 0:
             self.caught_up = True
         if seq <= self.last:  # delivered already, by an earlier consumer
             return Step.DELIVER, None
@@ -467,5 +463,29 @@ class WatchState:
         op = _operation(headers)
         if self.ignore_deletes and op != PUT:
             return Step.DELIVER, None
-        key = msg.subject[len(prefix(self.bucket)) :]
-        return Step.DELIVER, Entry(self.bucket, key, msg.data, seq, op, meta.timestamp, meta.num_pending)
+        key = msg.subject[len(self.bucket) + 5 :]  # after "$KV.<bucket>."
+        created = datetime.datetime.fromtimestamp(stamp / 1e9, tz=datetime.UTC)
+        return Step.DELIVER, Entry(self.bucket, key, msg.data, seq, op, created, pending)
+
+
+def _ack_fields(reply: str | None) -> tuple[str, int, int, int, int] | None:
+    """(consumer, stream sequence, consumer sequence, timestamp in ns, pending) of a
+    ``$JS.ACK`` subject (v1, or v2 with domain and account), None when it is not one:
+    what :func:`.msg.parse_metadata` reads, without the objects it makes (once per
+    message of a watch)."""
+    if not reply:
+        return None
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        at = 2  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>
+    elif len(tokens) >= 11:
+        at = 4  # $JS.ACK.<domain>.<account hash>.<stream>...
+    else:
+        return None
+    if tokens[0] != "$JS" or tokens[1] != "ACK":
+        return None
+    try:
+        int(tokens[at + 2])  # the delivery count, unused: read for the check
+        return tokens[at + 1], int(tokens[at + 3]), int(tokens[at + 4]), int(tokens[at + 5]), int(tokens[at + 6])
+    except ValueError:
+        return None
