@@ -330,8 +330,10 @@ class AsyncWatch:
             ) from None
 
     async def next(self, timeout: float | None = None) -> Entry:
-        """:raises ClusterTimeoutError, SubscriptionClosedError, SubscriptionModeError: as
-        the blocking :meth:`Watch.next <openfactory_nats.Watch.next>`."""
+        """The next entry, as the blocking :meth:`Watch.next <openfactory_nats.Watch.next>`.
+
+        :raises ClusterTimeoutError, SubscriptionClosedError, SubscriptionModeError: as it does.
+        """
         if self._callback is not None:
             raise SubscriptionModeError("next() on a watch with a callback")
         wait = self._timeout if timeout is None else check_timeout(timeout)
