@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -86,3 +87,23 @@ def test_closing_the_cluster_ends_a_prefetching_pool(
     assert wait_until(lambda: not pool.running, timeout=5)
     assert not any(t.name.endswith("-feeder") and t.is_alive() for t in threading.enumerate())
     pool.stop(1)
+
+
+@pytest.mark.timeout(120)
+def test_a_fetch_of_large_messages_never_overflows_its_inbox(js: JetStream, nc: SyncNatsCluster, peer: Peer) -> None:
+    """100 messages of about 1 MB: one fetch of 100 is more than a subscription's default
+    byte limit (64 MiB). The server is asked for no more bytes than the inbox holds, so
+    nothing is dropped on the way: every message comes, in order, through a few fetches."""
+    js.add_stream("BIG", ["big.>"])
+    payload = b"x" * 1_000_000
+    peer.publish_many([("big.x", payload)] * 100, window=20)
+    sub = js.pull_subscribe("big.>", "big")
+    got: list[int] = []
+    deadline = time.monotonic() + 60
+    while len(got) < 100 and time.monotonic() < deadline:
+        for msg in sub.fetch(100, 5.0):
+            assert msg.data == payload
+            got.append(msg.metadata.sequence.stream)
+            msg.ack()
+    assert got == list(range(1, 101))
+    assert nc.stats()["receive_dropped"] == 0
