@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -158,7 +158,8 @@ def test_service_discovered_by_nats_py_with_info_and_stats(
     assert (state.num_requests, state.num_errors, state.last_error) == (8, 3, "500:ValueError: boom")
     assert state.processing_time > 0 and state.average_processing_time == state.processing_time // 8
     assert (restart.num_requests, restart.num_errors, restart.last_error) == (1, 0, "")
-    assert abs((datetime.utcnow() - stats.started).total_seconds()) < 60  # RFC 3339, UTC
+    started = stats.started if stats.started.tzinfo else stats.started.replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - started).total_seconds()) < 60  # RFC 3339, UTC
     assert answers[6]["started"].endswith("Z")
     assert svc.stats()["endpoints"][0]["num_requests"] == 8  # the same, locally
     assert svc.info() == {**answers[3]}
