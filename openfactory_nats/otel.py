@@ -60,9 +60,10 @@ context is propagated then either.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 try:
@@ -233,6 +234,35 @@ class _Tracer:
                 return _tracing.Traced(headers) if headers else _tracing.Traced()  # what it wrote, undone
         return carrier
 
+    @contextlib.contextmanager
+    def _sending(
+        self,
+        core: Any,
+        operation: str,
+        kind: SpanKind,
+        subject: object,
+        payload: object,
+        msg_id: str | None,
+        headers: Mapping[str, str] | None,
+    ) -> Iterator[_tracing.Traced]:
+        """The headers to send with, inside the send's span, which records what the send
+        raises; the caller's headers as they are for the library's own subjects (and a
+        subject that is not a string: the send refuses it) or when no span could start."""
+        if not isinstance(subject, str) or subject.startswith(_INTERNAL):
+            yield _untouched(headers)
+            return
+        span = self._start_send(core, operation, kind, subject, payload, msg_id)
+        if span is None:
+            yield _untouched(headers)
+            return
+        try:
+            yield self._headers(span, headers)
+        except BaseException as exc:
+            _record(span, exc)
+            raise
+        finally:
+            _end(span)
+
     def publish(
         self,
         send: Callable[..., T],
@@ -244,18 +274,8 @@ class _Tracer:
         ack: bool,
         msg_id: str | None,
     ) -> T:
-        if not isinstance(subject, str) or subject.startswith(_INTERNAL):
-            return send(subject, payload, timeout, headers=_untouched(headers), ack=ack, msg_id=msg_id)
-        span = self._start_send(core, "send", SpanKind.PRODUCER, subject, payload, msg_id)
-        if span is None:
-            return send(subject, payload, timeout, headers=_untouched(headers), ack=ack, msg_id=msg_id)
-        try:
-            return send(subject, payload, timeout, headers=self._headers(span, headers), ack=ack, msg_id=msg_id)
-        except BaseException as exc:
-            _record(span, exc)
-            raise
-        finally:
-            _end(span)
+        with self._sending(core, "send", SpanKind.PRODUCER, subject, payload, msg_id, headers) as traced:
+            return send(subject, payload, timeout, headers=traced, ack=ack, msg_id=msg_id)
 
     async def publish_async(
         self,
@@ -268,19 +288,8 @@ class _Tracer:
         ack: bool,
         msg_id: str | None,
     ) -> T:
-        if not isinstance(subject, str) or subject.startswith(_INTERNAL):
-            return await send(subject, payload, headers=_untouched(headers), timeout=timeout, ack=ack, msg_id=msg_id)
-        span = self._start_send(core, "send", SpanKind.PRODUCER, subject, payload, msg_id)
-        if span is None:
-            return await send(subject, payload, headers=_untouched(headers), timeout=timeout, ack=ack, msg_id=msg_id)
-        try:
-            traced = self._headers(span, headers)
+        with self._sending(core, "send", SpanKind.PRODUCER, subject, payload, msg_id, headers) as traced:
             return await send(subject, payload, headers=traced, timeout=timeout, ack=ack, msg_id=msg_id)
-        except BaseException as exc:
-            _record(span, exc)
-            raise
-        finally:
-            _end(span)
 
     def request(
         self,
@@ -291,18 +300,8 @@ class _Tracer:
         timeout: float | None,
         headers: Mapping[str, str] | None,
     ) -> T:
-        if not isinstance(subject, str) or subject.startswith(_INTERNAL):
-            return send(subject, payload, timeout, headers=_untouched(headers))
-        span = self._start_send(core, "request", SpanKind.CLIENT, subject, payload, None)
-        if span is None:
-            return send(subject, payload, timeout, headers=_untouched(headers))
-        try:
-            return send(subject, payload, timeout, headers=self._headers(span, headers))
-        except BaseException as exc:
-            _record(span, exc)
-            raise
-        finally:
-            _end(span)
+        with self._sending(core, "request", SpanKind.CLIENT, subject, payload, None, headers) as traced:
+            return send(subject, payload, timeout, headers=traced)
 
     async def request_async(
         self,
@@ -313,18 +312,8 @@ class _Tracer:
         timeout: float | None,
         headers: Mapping[str, str] | None,
     ) -> T:
-        if not isinstance(subject, str) or subject.startswith(_INTERNAL):
-            return await send(subject, payload, timeout, headers=_untouched(headers))
-        span = self._start_send(core, "request", SpanKind.CLIENT, subject, payload, None)
-        if span is None:
-            return await send(subject, payload, timeout, headers=_untouched(headers))
-        try:
-            return await send(subject, payload, timeout, headers=self._headers(span, headers))
-        except BaseException as exc:
-            _record(span, exc)
-            raise
-        finally:
-            _end(span)
+        with self._sending(core, "request", SpanKind.CLIENT, subject, payload, None, headers) as traced:
+            return await send(subject, payload, timeout, headers=traced)
 
     # -- receiving ---------------------------------------------------------------------
     def _start_process(
