@@ -96,6 +96,9 @@ class Tracer(Protocol):
         """Run ``handler(msg)`` for a JetStream consumer in a CONSUMER span (exceptions
         recorded, then raised again)."""
 
+    async def jetstream_async(self, handler: Callable[[Any], Awaitable[object]], msg: Any, consumer: str) -> None:
+        """The same for an asyncio pool's coroutine *handler*."""
+
     def failed(self, exc: BaseException) -> None:
         """Record *exc* on the current span (a handler's error that is answered, not raised)."""
 

@@ -380,6 +380,28 @@ class _Tracer:
         finally:
             _end(span)
 
+    async def _process_async(
+        self,
+        run: Callable[[Any], Awaitable[T]],
+        msg: Any,
+        kind: SpanKind,
+        filt: str | None,
+        group: str | None,
+        sub: str | None = None,
+    ) -> T:
+        span = self._start_process(msg, kind, filt, group, sub)
+        if span is None:
+            return await run(msg)
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                try:
+                    return await run(msg)
+                except BaseException as exc:
+                    _record(span, exc)
+                    raise
+        finally:
+            _end(span)
+
     def consumer(self, callback: Callable[[Any], object], subject: str, queue: str | None) -> Callable[[Any], object]:
         def traced(msg: Any) -> object:
             return self._process(callback, msg, SpanKind.CONSUMER, subject, queue)
@@ -390,18 +412,7 @@ class _Tracer:
         self, callback: Callable[[Any], Awaitable[object]], subject: str, queue: str | None
     ) -> Callable[[Any], Awaitable[object]]:
         async def traced(msg: Any) -> object:
-            span = self._start_process(msg, SpanKind.CONSUMER, subject, queue, None)
-            if span is None:
-                return await callback(msg)
-            try:
-                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
-                    try:
-                        return await callback(msg)
-                    except BaseException as exc:
-                        _record(span, exc)
-                        raise
-            finally:
-                _end(span)
+            return await self._process_async(callback, msg, SpanKind.CONSUMER, subject, queue)
 
         return traced
 
@@ -411,6 +422,9 @@ class _Tracer:
 
     def jetstream(self, handler: Callable[[Any], object], msg: Any, consumer: str) -> None:
         self._process(handler, msg, SpanKind.CONSUMER, None, consumer, consumer)
+
+    async def jetstream_async(self, handler: Callable[[Any], Awaitable[object]], msg: Any, consumer: str) -> None:
+        await self._process_async(handler, msg, SpanKind.CONSUMER, None, consumer, consumer)
 
     def failed(self, exc: BaseException) -> None:
         _record(trace.get_current_span(), exc)

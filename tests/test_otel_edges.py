@@ -324,3 +324,47 @@ def test_a_publish_that_fails_ends_its_span_with_an_error(
     failed = [s for s in wait_spans(exporter, 2) if s.kind is SpanKind.PRODUCER]
     assert len(failed) == 2 and all(s.end_time is not None for s in failed)
     assert {s.attributes["error.type"] for s in failed} == {"openfactory_nats._errors.InvalidMessageError"}  # type: ignore[index]
+
+
+@pytest.mark.timeout(60)
+def test_an_asyncio_consume_handler_continues_a_nats_py_jetstream_publish(
+    exporter: InMemorySpanExporter, jetstream_server: NatsServer, logger: logging.Logger
+) -> None:
+    """nats-py's own JetStream publishes with a traceparent; the asyncio pool's handler
+    runs in a CONSUMER span of that trace; a handler that raises is recorded."""
+    handled: list[str] = []
+
+    async def main() -> None:
+        peer = await nats.connect(jetstream_server.url)
+        peer_js = peer.jetstream()
+        await peer_js.add_stream(name="OTAIO", subjects=["otaio.>"])
+        await peer_js.publish("otaio.ok", b"1", headers={"traceparent": TRACEPARENT})
+        await peer_js.publish("otaio.bad", b"2", headers={"traceparent": TRACEPARENT})
+        core = NatsCluster("aio", [jetstream_server.url], logger)
+        await core.connect()
+        done = asyncio.Event()
+
+        async def handler(msg: Any) -> None:
+            handled.append(msg.subject)
+            if len(handled) >= 2:
+                done.set()
+            if msg.subject == "otaio.bad":
+                raise ValueError("refused")
+            assert trace.get_current_span().get_span_context().trace_id == int(TRACEPARENT[3:35], 16)
+
+        consumer = await core.jetstream().consume("otaio.>", handler, durable="otaio", workers=1)
+        await asyncio.wait_for(done.wait(), 20)
+        await consumer.stop()
+        await core.close()
+        await peer.close()
+
+    asyncio.run(main())
+    spans = [s for s in wait_spans(exporter, 2) if s.kind is SpanKind.CONSUMER]
+    by_name = {s.name: s for s in spans}
+    assert {"process otaio.ok", "process otaio.bad"} <= set(by_name)
+    for span in spans:
+        assert span.parent is not None and span.parent.span_id == int(TRACEPARENT[36:52], 16)
+        assert span.context.trace_id == int(TRACEPARENT[3:35], 16)
+        assert span.attributes["messaging.consumer.group.name"] == "otaio"  # type: ignore[index]
+    assert by_name["process otaio.bad"].status.status_code is trace.StatusCode.ERROR
+    assert by_name["process otaio.ok"].status.status_code is trace.StatusCode.UNSET

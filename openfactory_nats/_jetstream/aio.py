@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
 
+from .. import _tracing
 from .._errors import (
     ClusterClosedError,
     ClusterTimeoutError,
@@ -346,7 +347,10 @@ class AsyncConsumer:
                 continue
             for msg in msgs:
                 try:
-                    await self._handler(msg)
+                    if (hook := _tracing.HOOK) is not None:  # read once: uninstrument() may run meanwhile
+                        await hook.jetstream_async(self._handler, msg, self.consumer)
+                    else:
+                        await self._handler(msg)
                 except Exception:
                     logger.exception("consumer %s: handler failed on %r; nak", self.consumer, msg.subject)
                     self.failed += 1
