@@ -226,7 +226,7 @@ def test_a_forked_child_leaves_its_parent_s_pool_alone_and_runs_its_own(
         assert not pool.running  # its threads are the parent's
         pool.stop(1)  # touches nothing of the parent's: neither its consumer nor its messages
         mine = Tally()
-        own = nc.jetstream().consume("pool.>", mine, "child", workers=2, prefetch=prefetch)
+        own = js.consume("pool.>", mine, "child", workers=2, prefetch=prefetch)  # the parent's handle
         assert wait_until(lambda: mine.count() >= 20, timeout=5)
         own.stop(2)
         nc.close(2)

@@ -94,6 +94,20 @@ def test_stop_while_the_server_is_stopped_keeps_its_timeout(server: NatsServer, 
     assert served.discover("frozen", timeout=0.5) == []
 
 
+def test_a_service_made_while_the_server_is_stopped_keeps_its_timeout(
+    server: NatsServer, served: SyncNatsCluster
+) -> None:
+    served.connect(5)
+    server.pause()
+    try:
+        outcome, _ = bounded(lambda: served.service("late", "1.0.0", timeout=1.0), 1.0)
+        assert isinstance(outcome, ClusterTimeoutError), outcome
+    finally:
+        server.resume()
+    served.flush(10)
+    assert served.discover("late", timeout=0.5) == []  # nothing left subscribed
+
+
 def test_discover_while_the_server_is_stopped_keeps_its_timeout(server: NatsServer, served: SyncNatsCluster) -> None:
     svc = served.service("seen", "1.0.0")
     server.pause()
@@ -191,6 +205,8 @@ def test_a_forked_child_can_neither_stop_nor_hang_on_its_parent_s_service_and_ru
         svc.info()
         svc.stats()
         svc.reset()
+        with pytest.raises(ClusterClosedError):  # it would answer here, and not be discovered
+            svc.endpoint("late", lambda msg: b"late")
         svc.stop(1)  # touches nothing of the parent's
         mine = served.service("child", "1.0.0")
         mine.endpoint("c", lambda msg: b"child")

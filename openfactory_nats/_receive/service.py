@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -166,14 +167,19 @@ class Service:
         #: Names of the endpoints being subscribed (outside the lock: a stop() keeps its timeout).
         self._adding: set[str] = set()
         self._stopped = False
+        #: The process that made it: a forked child's copy answers nothing.
+        self._pid = os.getpid()
         self._started = time.time()
+        wait = None if timeout is None else check_timeout(timeout)  # for the nine subscriptions in all
+        deadline = None if wait is None else time.monotonic() + wait
         self._dispatcher = host.dispatcher(1)
         self._discovery: list[Subscription] = []
         answers: dict[str, Callable[[], dict[str, Any]]] = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}
         try:
             for verb, subject in control_subjects(self.name, self.id):
                 callback = _Answer(answers[verb], self, verb)
-                self._discovery.append(host.subscribe(subject, callback, dispatcher=self._dispatcher, timeout=timeout))
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._discovery.append(host.subscribe(subject, callback, dispatcher=self._dispatcher, timeout=left))
         except BaseException:
             self._end_discovery(1.0)
             raise
@@ -226,7 +232,8 @@ class Service:
 
         :raises InvalidMessageError, InvalidTypeError: for a bad name (``[A-Za-z0-9_-]``),
             subject, queue group, metadata or handler, or a name the service has already.
-        :raises ClusterClosedError: once the service is stopped.
+        :raises ClusterClosedError: once the service is stopped (also while this call
+            subscribed), or in a forked child (the service is the parent's).
         :raises ConnectError, ClusterTimeoutError, WrongThreadError: as ``serve``.
         """
         check_name("endpoint name", name)
@@ -268,6 +275,12 @@ class Service:
             self._host.cluster.prepare,
         )
         check_workers(handler, workers)
+        if self._pid != os.getpid():
+            raise ClusterClosedError(
+                f"service {self.name!r} was made by the parent process and answers nothing in a "
+                "forked child; make a service in the child",
+                cluster=self._host.name,
+            )
         with self._lock:
             if self._stopped:
                 raise ClusterClosedError(f"service {self.name!r} is stopped", cluster=self._host.name)
