@@ -390,9 +390,11 @@ class SyncNatsCluster:
         """The running instances of service *name* (of every service when None), written
         with any NATS client: their PING, INFO and STATS responses, gathered for *timeout*
         s after the requests are sent (instances that answer later are not listed).
+        Subscribing to the replies and sending the requests take *timeout* s at most too.
 
         :raises InvalidMessageError, InvalidTypeError: for a bad name or timeout;
-            otherwise as :meth:`subscribe`.
+            otherwise as :meth:`subscribe` (``ClusterTimeoutError`` when the server
+            did not confirm the subscription within *timeout* s, e.g. a stalled server).
         """
         return discover(self, name, timeout, self._core.logger)
 

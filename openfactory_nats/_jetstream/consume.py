@@ -13,6 +13,7 @@ With ``prefetch``, a feeder fetches in batches for the workers instead (``feeder
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -70,6 +71,8 @@ class Consumer:
         self._on_stop = on_stop
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        #: The process that runs the pool: in a forked child, stop() touches none of it.
+        self._pid = os.getpid()
         self.processed = 0
         self.failed = 0
         #: Names of the workers running the handler (or acknowledging after it).
@@ -185,13 +188,16 @@ class Consumer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop fetching (a fetch in progress ends within a second, what it got is naked
-        back); let running handlers finish within *timeout* s. Idempotent.
+        back); let running handlers finish within *timeout* s. Idempotent. In a forked
+        child, a pool made by the parent only reads as stopped there: the parent's goes on.
 
         :raises ClusterTimeoutError: when handlers were still running after *timeout* s
             (they finish in the background; their messages are acked then).
         """
         deadline = time.monotonic() + timeout
         self._stopping.set()
+        if os.getpid() != self._pid:  # a forked child: the threads, the consumer, the
+            return  # messages fetched and queued are the parent's (its workers do not run here)
         me = threading.current_thread()
         if self._feeder is not None:
             self._feeder.stop()

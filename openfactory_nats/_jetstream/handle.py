@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -376,6 +377,7 @@ class PullSubscription:
         self._sub = js._nats.subscribe(self._state.subject, timeout=timeout)
         self._lock = threading.Lock()
         self._name = js.cluster_name
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"<PullSubscription stream={self.stream!r} consumer={self.consumer!r}>"
@@ -456,7 +458,10 @@ class PullSubscription:
     def unsubscribe(self, timeout: float | None = None) -> None:
         """Stop fetching; messages received and not fetched are dropped (counted in the
         cluster's ``discarded``; the server redelivers them after their ack wait). A
-        durable consumer stays on the server; an ephemeral one is deleted."""
+        durable consumer stays on the server; an ephemeral one is deleted (not from a
+        forked child: the parent's subscription and consumer are left to it)."""
+        if os.getpid() != self._pid:
+            return
         self._sub.unsubscribe(timeout)
         if self._ephemeral:
             try:

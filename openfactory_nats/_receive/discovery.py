@@ -201,11 +201,15 @@ def discover(host: Host, name: str | None, timeout: float, logger: logging.Logge
     inbox = f"_INBOX.{secrets.token_hex(11)}"
     found: dict[str, dict[str, dict[str, Any]]] = {}
     unreadable = 0
-    sub = host.subscribe(f"{inbox}.*")
+    # Subscribing and sending get *timeout* too, not the cluster's default: a stalled
+    # server would otherwise hold the call for that long.
+    started = time.monotonic()
+    sub = host.subscribe(f"{inbox}.*", timeout=wait)
     try:
         for verb in VERBS:
+            left = max(0.0, started + wait - time.monotonic())
             host._send_to(
-                f"{PREFIX}.{verb}" if name is None else f"{PREFIX}.{verb}.{name}", f"{inbox}.{verb}", b"", None
+                f"{PREFIX}.{verb}" if name is None else f"{PREFIX}.{verb}.{name}", f"{inbox}.{verb}", b"", left
             )
         deadline = time.monotonic() + wait
         while (left := deadline - time.monotonic()) > 0:
@@ -221,7 +225,7 @@ def discover(host: Host, name: str | None, timeout: float, logger: logging.Logge
                 continue
             found.setdefault(response["id"], {})[msg.subject.rsplit(".", 1)[1]] = response
     finally:
-        sub.unsubscribe()
+        sub.unsubscribe(wait)
     if unreadable:
         logger.warning("cluster %s: discovery: %d reply(ies) were not ADR-32 responses; ignored", host.name, unreadable)
     return sorted((_instance(key, got) for key, got in found.items()), key=lambda i: (i.name, i.version, i.id))

@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import _tracing
 from .._errors import ServiceError
+from .._forksafe import renew_after_fork
 from .._message import Msg
 from .replies import SERVICE_ERROR, error_headers
 from .serving import Handler, reply_of
@@ -51,6 +52,12 @@ class Endpoint:
         self._time = 0
         self._last_error = ""
         self.subscription: Subscription | None = None
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        # A parent worker counting a request may have held it at the fork: the child's
+        # stats() goes through it.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.name!r} subject={self.subject!r} queue_group={self.queue_group!r}>"

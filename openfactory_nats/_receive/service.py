@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,7 @@ from .._errors import (
     NatsClusterError,
 )
 from .._filters import validate_filter
+from .._forksafe import renew_after_fork
 from .._message import Msg
 from .._wire import check_timeout
 from .discovery import (
@@ -162,18 +164,31 @@ class Service:
         self._host = host
         self._lock = threading.Lock()
         self._endpoints: list[Endpoint] = []
+        #: Names of the endpoints being subscribed (outside the lock: a stop() keeps its timeout).
+        self._adding: set[str] = set()
         self._stopped = False
+        #: The process that made it: a forked child's copy answers nothing.
+        self._pid = os.getpid()
         self._started = time.time()
+        wait = None if timeout is None else check_timeout(timeout)  # for the nine subscriptions in all
+        deadline = None if wait is None else time.monotonic() + wait
         self._dispatcher = host.dispatcher(1)
         self._discovery: list[Subscription] = []
         answers: dict[str, Callable[[], dict[str, Any]]] = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}
         try:
             for verb, subject in control_subjects(self.name, self.id):
                 callback = _Answer(answers[verb], self, verb)
-                self._discovery.append(host.subscribe(subject, callback, dispatcher=self._dispatcher, timeout=timeout))
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._discovery.append(host.subscribe(subject, callback, dispatcher=self._dispatcher, timeout=left))
         except BaseException:
             self._end_discovery(1.0)
             raise
+        renew_after_fork(self)
+
+    def _renew_after_fork(self) -> None:
+        # A parent thread (adding an endpoint, stopping) may have held it at the fork: the
+        # child's stop() goes through it.
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Service {self.name!r} {self.version} id={self.id!r} endpoints={len(self._endpoints)}>"
@@ -217,7 +232,8 @@ class Service:
 
         :raises InvalidMessageError, InvalidTypeError: for a bad name (``[A-Za-z0-9_-]``),
             subject, queue group, metadata or handler, or a name the service has already.
-        :raises ClusterClosedError: once the service is stopped.
+        :raises ClusterClosedError: once the service is stopped (also while this call
+            subscribed), or in a forked child (the service is the parent's).
         :raises ConnectError, ClusterTimeoutError, WrongThreadError: as ``serve``.
         """
         check_name("endpoint name", name)
@@ -259,15 +275,35 @@ class Service:
             self._host.cluster.prepare,
         )
         check_workers(handler, workers)
-        with self._lock:  # held while subscribing: a stop() waits for it
+        if self._pid != os.getpid():
+            raise ClusterClosedError(
+                f"service {self.name!r} was made by the parent process and answers nothing in a "
+                "forked child; make a service in the child",
+                cluster=self._host.name,
+            )
+        with self._lock:
             if self._stopped:
                 raise ClusterClosedError(f"service {self.name!r} is stopped", cluster=self._host.name)
-            if any(e.name == name for e in self._endpoints):
+            if name in self._adding or any(e.name == name for e in self._endpoints):
                 raise InvalidMessageError(f"service {self.name!r} has an endpoint named {name!r} already")
+            self._adding.add(name)
+        try:  # not under the lock: a stop() meanwhile keeps its own timeout
             made.subscription = self._host.serve(
                 subject, made.handle, queue=queue_group, workers=workers, timeout=timeout
             )
-            self._endpoints.append(made)
+            with self._lock:
+                stopped = self._stopped
+                if not stopped:
+                    self._endpoints.append(made)
+        finally:
+            with self._lock:
+                self._adding.discard(name)
+        if stopped:  # stop() ran meanwhile and could not see this one: it ends here
+            try:
+                made.subscription.unsubscribe(timeout)
+            except NatsClusterError as exc:  # it ends with the cluster anyway
+                self.logger.warning("service %s: could not unsubscribe %r: %s", self.name, subject, exc)
+            raise ClusterClosedError(f"service {self.name!r} was stopped", cluster=self._host.name)
         return made
 
     # -- the ADR-32 responses ------------------------------------------------------------
