@@ -334,12 +334,23 @@ class AsyncConsumer:
         self._stopping = False
         self._tasks = [asyncio.get_running_loop().create_task(self._work(sub)) for sub in subs]
 
+    @property
+    def running(self) -> bool:
+        """True until :meth:`stop` ended it, or the cluster's close, or the consumer or
+        its stream deleted on the server (logged as an error)."""
+        return not self._stopping and any(not task.done() for task in self._tasks)
+
     async def _work(self, sub: AsyncPullSubscription) -> None:
         logger = self._core.logger
         while not self._stopping:
             try:
                 msgs = await sub.fetch(1, 1.0)
             except ClusterClosedError:
+                return
+            except (ConsumerNotFoundError, StreamNotFoundError) as exc:  # nothing more will come
+                if not self._stopping:
+                    logger.error("consumer %s: %s; the pool stops", self.consumer, exc)
+                self._stopping = True
                 return
             except NatsClusterError as exc:
                 logger.warning("consumer %s: fetch failed, retrying: %s", self.consumer, exc)
@@ -367,13 +378,19 @@ class AsyncConsumer:
                         logger.warning("consumer %s: could not acknowledge: %s", self.consumer, exc)
 
     async def stop(self, timeout: float = 5.0) -> None:
-        """Stop fetching; let running handlers finish within *timeout* s.
+        """Stop fetching (a fetch in progress ends within a second); let running handlers
+        finish within *timeout* s, then unsubscribe.
 
         :raises ClusterTimeoutError: when handlers were still running after *timeout* s.
         """
         self._stopping = True
-        for sub in self._subs:
-            await sub.unsubscribe()
+        # Unsubscribing under a fetch in progress would leave what the server sent it
+        # unacknowledged until its ack wait: the workers end first.
         _, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except NatsClusterError as exc:
+                self._core.logger.debug("consumer %s: unsubscribe: %s", self.consumer, exc)
         if pending:
             raise ClusterTimeoutError(f"consumer {self.consumer!r}: handlers still running after {timeout:g} s")

@@ -20,7 +20,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from .. import _tracing
-from .._errors import ClusterClosedError, ClusterTimeoutError, NatsClusterError
+from .._errors import (
+    ClusterClosedError,
+    ClusterTimeoutError,
+    ConsumerNotFoundError,
+    NatsClusterError,
+    StreamNotFoundError,
+)
 from .feeder import Feeder
 from .msg import JsMsg
 
@@ -97,8 +103,9 @@ class Consumer:
 
     @property
     def running(self) -> bool:
-        """True until :meth:`stop` (or the cluster's close, or handlers raising a
-        BaseException in every worker) ended it."""
+        """True until :meth:`stop` ended it, or the cluster's close, the consumer or its
+        stream deleted on the server (logged as an error), or handlers raising a
+        BaseException in every worker."""
         return not self._stopping.is_set() and any(t.is_alive() for t in self._threads)
 
     @property
@@ -113,6 +120,9 @@ class Consumer:
             except ClusterClosedError:  # the cluster closed, or the pool was stopped
                 stopping.set()
                 return
+            except (ConsumerNotFoundError, StreamNotFoundError) as exc:
+                self._gone(exc)
+                return
             except NatsClusterError as exc:
                 self._logger.warning("consumer %s: fetch failed, retrying: %s", self.consumer, exc)
                 stopping.wait(_BACKOFF)
@@ -122,6 +132,14 @@ class Consumer:
                     _nak_quietly(msg)
                 elif not self._run(msg):
                     return  # the handler raised a BaseException: this worker ends
+
+    def _gone(self, exc: NatsClusterError) -> None:
+        """The consumer or its stream was deleted on the server: nothing more will come."""
+        with self._lock:
+            first = not self._stopping.is_set()
+            self._stopping.set()
+        if first:
+            self._logger.error("consumer %s: %s; the pool stops", self.consumer, exc)
 
     def _take(self) -> None:
         feeder = self._feeder

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from .._errors import ClusterClosedError, NatsClusterError
+from .._errors import ClusterClosedError, ConsumerNotFoundError, NatsClusterError, StreamNotFoundError
 from .msg import JsMsg
 
 __all__ = ("Feeder",)
@@ -77,6 +77,10 @@ class Feeder:
             try:
                 msgs = sub.fetch(min(credit, _MAX_BATCH), check_every)  # short: the keep-alive waits for it
             except ClusterClosedError:  # the cluster closed, or the pool was stopped
+                self.stop()
+                return
+            except (ConsumerNotFoundError, StreamNotFoundError) as exc:  # nothing more will come
+                self._logger.error("consumer %s: %s; the pool stops", sub.consumer, exc)
                 self.stop()
                 return
             except NatsClusterError as exc:
