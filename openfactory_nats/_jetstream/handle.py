@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from .._errors import (
     NatsClusterError,
     NoRespondersError,
     StreamNotFoundError,
+    SubscriptionClosedError,
 )
 from .._message import Msg
 from .._receive.subscription import Subscription
@@ -376,6 +378,7 @@ class PullSubscription:
         self._sub = js._nats.subscribe(self._state.subject, timeout=timeout)
         self._lock = threading.Lock()
         self._name = js.cluster_name
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"<PullSubscription stream={self.stream!r} consumer={self.consumer!r}>"
@@ -392,11 +395,19 @@ class PullSubscription:
 
         :raises ConsumerNotFoundError, StreamNotFoundError: when the consumer or its
             stream no longer exists (at once).
-        :raises SubscriptionClosedError: after :meth:`unsubscribe` or the cluster's close.
+        :raises SubscriptionClosedError: after :meth:`unsubscribe` or the cluster's close;
+            in a forked child (at once: a parent's fetch may hold the turn).
         """
         check_batch(batch)
         js = self._js
         wait = js._timeout if timeout is None else check_timeout(timeout)
+        if self._pid != os.getpid():
+            raise SubscriptionClosedError(
+                f"cluster {self._name!r}: pull subscription {self.consumer!r} was made by the parent process "
+                "and does not deliver in a forked child; subscribe again in the child",
+                cluster=self._name,
+                subject=self._state.subject,
+            )
         deadline = time.monotonic() + wait
         if not self._lock.acquire(timeout=wait):
             return []
@@ -456,9 +467,10 @@ class PullSubscription:
     def unsubscribe(self, timeout: float | None = None) -> None:
         """Stop fetching; messages received and not fetched are dropped (counted in the
         cluster's ``discarded``; the server redelivers them after their ack wait). A
-        durable consumer stays on the server; an ephemeral one is deleted."""
+        durable consumer stays on the server; an ephemeral one is deleted (not from a
+        forked child: it is the parent's)."""
         self._sub.unsubscribe(timeout)
-        if self._ephemeral:
+        if self._ephemeral and self._pid == os.getpid():
             try:
                 self._js.delete_consumer(self.stream, self.consumer, timeout=timeout)
             except NatsClusterError as exc:  # the server deletes it when unused, in any case
