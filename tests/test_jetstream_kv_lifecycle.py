@@ -298,11 +298,13 @@ def test_a_watch_after_its_cluster_closed_raises_cluster_closed(nc: SyncNatsClus
 def test_a_closed_cluster_whose_callback_refers_to_it_is_collected(server: NatsServer, logger: logging.Logger) -> None:
     """What the core holds (a callback that refers to the instance) kept the instance alive
     through its finalizer's arguments, for ever, even after close()."""
-    cluster = SyncNatsCluster("cycle", [server.url], logger, timeout=5.0)
-    held = [cluster]
-    cluster.subscribe("echo", lambda msg: held[0].publish("echoed", msg.data))
-    ref = weakref.ref(cluster)
-    cluster.close(5)
-    del cluster
+
+    def make() -> weakref.ref[SyncNatsCluster]:
+        cluster = SyncNatsCluster("cycle", [server.url], logger, timeout=5.0)
+        cluster.subscribe("echo", lambda msg: cluster.publish("echoed", msg.data))
+        cluster.close(5)
+        return weakref.ref(cluster)
+
+    ref = make()
     gc.collect()
     assert ref() is None
