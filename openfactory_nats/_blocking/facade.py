@@ -274,9 +274,7 @@ class SyncNatsCluster:
             raise ClusterTimeoutError(
                 f"cluster {self.name!r}: another close() did not finish within {wait:g} s", cluster=self.name
             )
-        # Closed: the finalizer has nothing left to do, and would keep what the core holds
-        # (a subscription's callback that refers to this instance, a watch) alive for ever.
-        self._finalizer.detach()
+        self._finalizer.detach()  # else its arguments keep the core, and what refers to us from it, for ever
 
     # -- receiving -------------------------------------------------------------------
     def subscribe(
