@@ -257,9 +257,8 @@ class SyncNatsCluster:
         """Drain (within *timeout* and ``drain_timeout``), close, stop the loop and join
         its thread. What could not be delivered in time is counted as dropped and logged.
 
-        Idempotent and safe from many threads at once (each call returns once the
-        instance is closed); every other call raises :class:`ClusterClosedError`
-        afterwards.
+        Idempotent and safe from many threads at once (each call returns once the instance
+        is closed); every other call raises :class:`ClusterClosedError` afterwards.
 
         :raises WrongThreadError: on the event-loop thread.
         :raises ClusterTimeoutError: when another ``close()``, still running, did not
