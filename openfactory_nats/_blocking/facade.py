@@ -257,9 +257,8 @@ class SyncNatsCluster:
         """Drain (within *timeout* and ``drain_timeout``), close, stop the loop and join
         its thread. What could not be delivered in time is counted as dropped and logged.
 
-        Idempotent and safe from many threads at once (each call returns once the
-        instance is closed); every other call raises :class:`ClusterClosedError`
-        afterwards.
+        Idempotent and safe from many threads at once (each call returns once the instance
+        is closed); every other call raises :class:`ClusterClosedError` afterwards.
 
         :raises WrongThreadError: on the event-loop thread.
         :raises ClusterTimeoutError: when another ``close()``, still running, did not
@@ -274,6 +273,7 @@ class SyncNatsCluster:
             raise ClusterTimeoutError(
                 f"cluster {self.name!r}: another close() did not finish within {wait:g} s", cluster=self.name
             )
+        self._finalizer.detach()  # else its arguments keep the core, and what refers to us from it, for ever
 
     # -- receiving -------------------------------------------------------------------
     def subscribe(
@@ -389,12 +389,11 @@ class SyncNatsCluster:
     def discover(self, name: str | None = None, timeout: float = 1.0) -> list[ServiceInstance]:
         """The running instances of service *name* (of every service when None), written
         with any NATS client: their PING, INFO and STATS responses, gathered for *timeout*
-        s after the requests are sent (instances that answer later are not listed).
-        Subscribing to the replies and sending the requests take *timeout* s at most too.
+        s after the requests are sent (instances that answer later are not listed);
+        subscribing and sending take *timeout* s at most too.
 
         :raises InvalidMessageError, InvalidTypeError: for a bad name or timeout;
-            otherwise as :meth:`subscribe` (``ClusterTimeoutError`` when the server
-            did not confirm the subscription within *timeout* s, e.g. a stalled server).
+            otherwise as :meth:`subscribe` (``ClusterTimeoutError``: a stalled server).
         """
         return discover(self, name, timeout, self._core.logger)
 

@@ -18,6 +18,7 @@ from .._errors import (
     NatsClusterError,
     NoRespondersError,
     StreamNotFoundError,
+    SubscriptionClosedError,
 )
 from .._message import Msg
 from .._receive.subscription import Subscription
@@ -394,11 +395,19 @@ class PullSubscription:
 
         :raises ConsumerNotFoundError, StreamNotFoundError: when the consumer or its
             stream no longer exists (at once).
-        :raises SubscriptionClosedError: after :meth:`unsubscribe` or the cluster's close.
+        :raises SubscriptionClosedError: after :meth:`unsubscribe` or the cluster's close;
+            in a forked child (at once: a parent's fetch may hold the turn).
         """
         check_batch(batch)
         js = self._js
         wait = js._timeout if timeout is None else check_timeout(timeout)
+        if self._pid != os.getpid():
+            raise SubscriptionClosedError(
+                f"cluster {self._name!r}: pull subscription {self.consumer!r} was made by the parent process "
+                "and does not deliver in a forked child; subscribe again in the child",
+                cluster=self._name,
+                subject=self._state.subject,
+            )
         deadline = time.monotonic() + wait
         if not self._lock.acquire(timeout=wait):
             return []
