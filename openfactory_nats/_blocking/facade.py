@@ -19,7 +19,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from types import TracebackType
 from typing import Any, Literal, overload
 
 from .. import _tracing
@@ -111,9 +110,7 @@ class SyncNatsCluster:
     def __enter__(self) -> SyncNatsCluster:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- properties ----------------------------------------------------------------
