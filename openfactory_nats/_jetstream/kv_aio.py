@@ -205,6 +205,8 @@ class AsyncWatch:
         self._entries: deque[Entry] = deque()
         self._ready = asyncio.Event()
         self._caught = asyncio.Event()
+        #: Set once the reading task ended (stop(), or the cluster closed).
+        self._ended = asyncio.Event()
         self._stopped = False
         self._sub: AsyncSubscription | None = None
         self._task: asyncio.Task[None] | None = None
@@ -252,6 +254,13 @@ class AsyncWatch:
             self._ready.set()
 
     async def _run(self) -> None:
+        try:
+            await self._follow()
+        finally:  # stopped, or the cluster closed: readers are told once the queue is empty
+            self._ended.set()
+            self._ready.set()
+
+    async def _follow(self) -> None:
         loop = asyncio.get_running_loop()
         seen = loop.time()
         broken = False
@@ -319,15 +328,25 @@ class AsyncWatch:
         asyncio.get_running_loop().create_task(delete())
 
     async def wait_caught_up(self, timeout: float | None = None) -> None:
-        """:raises ClusterTimeoutError: when not caught up within *timeout* s."""
+        """:raises ClusterTimeoutError: when not caught up within *timeout* s.
+        :raises SubscriptionClosedError: when the watch ended first (stopped, or its
+            cluster closed)."""
         wait = self._timeout if timeout is None else check_timeout(timeout)
-        try:
-            await asyncio.wait_for(self._caught.wait(), wait)
-        except TimeoutError:
-            raise ClusterTimeoutError(
-                f"watch {self._state.bucket}/{self._state.keys}: not caught up within {wait:g} s",
-                cluster=self._core.name,
-            ) from None
+        if not self._caught.is_set():
+            waits = [asyncio.ensure_future(self._caught.wait()), asyncio.ensure_future(self._ended.wait())]
+            try:
+                await asyncio.wait(waits, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+        if self._caught.is_set():
+            return
+        if self._ended.is_set() or self._stopped:
+            raise SubscriptionClosedError(f"watch {self._state.bucket}/{self._state.keys} ended")
+        raise ClusterTimeoutError(
+            f"watch {self._state.bucket}/{self._state.keys}: not caught up within {wait:g} s",
+            cluster=self._core.name,
+        )
 
     async def next(self, timeout: float | None = None) -> Entry:
         """The next entry, as the blocking :meth:`Watch.next <openfactory_nats.Watch.next>`.
@@ -340,8 +359,8 @@ class AsyncWatch:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while not self._entries:
-            if self._stopped:
-                raise SubscriptionClosedError(f"watch {self._state.bucket}/{self._state.keys} stopped")
+            if self._stopped or self._ended.is_set():
+                raise SubscriptionClosedError(f"watch {self._state.bucket}/{self._state.keys} ended")
             self._ready.clear()
             left = deadline - loop.time()
             if left <= 0:
