@@ -394,11 +394,13 @@ class SyncNatsCluster:
         """
         return discover(self, name, timeout, self._core.logger)
 
-    def _send_to(self, subject: str, reply: str, payload: bytes, timeout: float | None) -> None:
-        """Queue *payload* for *subject* with the reply subject *reply* (the caller gathers
-        the replies itself), connecting first if need be, within *timeout* s."""
+    def _send_to(
+        self, subject: str, reply: str, payload: bytes, timeout: float | None, *, counted: bool = True
+    ) -> None:
+        """Queue *payload* for *subject* with the reply subject *reply* (discovery, pull
+        requests), connecting first if need be, within *timeout* s; *counted* in ``requests``."""
         self._enter()
-        self._portal.send_with_reply(subject, reply, payload, self._wait(timeout))
+        self._portal.send_with_reply(subject, reply, payload, self._wait(timeout), counted=counted)
 
     def request(
         self,

@@ -79,13 +79,14 @@ class Portal:
             if core.outgoing.offer(subject, payload, headers, max(0.0, deadline - time.monotonic())):
                 return
 
-    def send_with_reply(self, subject: str, reply: str, payload: bytes, wait: float) -> None:
+    def send_with_reply(self, subject: str, reply: str, payload: bytes, wait: float, *, counted: bool = True) -> None:
         """Queue *payload* for *subject* with the reply subject *reply* (the caller gathers
-        the replies itself), connecting first if need be, within *wait* s."""
+        the replies itself), connecting first if need be, within *wait* s; *counted* in
+        ``requests`` (a JetStream pull request is not)."""
         core = self._core
         deadline = time.monotonic() + wait
         while not core.incoming.offer_request(
-            subject, reply.encode(), payload, None, max(0.0, deadline - time.monotonic())
+            subject, reply.encode(), payload, None, max(0.0, deadline - time.monotonic()), counted=counted
         ):
             self.call(core.connect(), max(0.0, deadline - time.monotonic()), connecting=True)
 

@@ -43,8 +43,6 @@ class Core(Protocol):
 
     def counter(self, key: str) -> int: ...
 
-    def offer_pull(self, subject: str, reply: str, payload: bytes, timeout: float) -> bool: ...
-
 
 class Blocking(Protocol):
     """What the handle needs of the blocking facade."""
@@ -62,6 +60,11 @@ class Blocking(Protocol):
     def request(self, subject: str, payload: bytes = b"", timeout: float | None = None) -> Msg: ...
 
     def subscribe(self, subject: str, *, timeout: float | None = None) -> Subscription: ...
+
+    def _send_to(
+        self, subject: str, reply: str, payload: bytes, timeout: float | None, *, counted: bool = True
+    ) -> None:
+        """Queue a message with a reply subject, connecting first if need be."""
 
 
 def check_batch(batch: object) -> int:
@@ -311,10 +314,7 @@ class JetStream:
 
     # -- used by PullSubscription ---------------------------------------------------
     def _send_pull(self, subject: str, reply: str, payload: bytes, timeout: float) -> None:
-        core = self._nats.cluster
-        if not core.offer_pull(subject, reply, payload, timeout):  # not connected yet
-            self._nats.connect(timeout)
-            core.offer_pull(subject, reply, payload, timeout)
+        self._nats._send_to(subject, reply, payload, timeout, counted=False)
 
     # -- key-value store -------------------------------------------------------------
     def create_key_value(
