@@ -463,3 +463,34 @@ def test_bad_fetch_and_ack_arguments_raise_in_the_caller_and_the_subscription_ke
     assert second.data == b"1"
     second.ack_sync(5)
     assert isinstance(sub.fetch(1, 0.2), list)
+
+
+@pytest.mark.timeout(60)
+def test_close_lets_a_watch_reader_take_the_entries_its_drain_delivers(
+    jetstream_server: NatsServer, logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's close() drains the watch's subscription: what it delivers then is
+    read by an iterating thread, which ends only after the last of it (none left queued)."""
+    from openfactory_nats._jetstream.kv_watch import Watch
+
+    cluster = SyncNatsCluster("draining", [jetstream_server.url], logger, reconnect_time_wait=0.1)
+    kv = cluster.jetstream().create_key_value("assets")
+    for i in range(40):
+        kv.put(f"k{i}", b"v")
+    on_msg = Watch._on_msg
+
+    def slow(self: Watch, msg: Any) -> None:  # entries still in flight when the close begins
+        time.sleep(0.05)
+        on_msg(self, msg)
+
+    monkeypatch.setattr(Watch, "_on_msg", slow)
+    w = kv.watch(">")
+    got: list[Entry] = []
+    reader = threading.Thread(target=lambda: got.extend(w))
+    reader.start()
+    time.sleep(0.2)
+    cluster.close(10)
+    reader.join(10)
+    assert not reader.is_alive()
+    assert len(got) + len(w._entries) == 40  # every entry was delivered by the drain...
+    assert len(got) == 40, f"the reader ended with {len(w._entries)} entries left unread"  # ...and read

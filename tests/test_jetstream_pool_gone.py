@@ -145,3 +145,42 @@ def test_the_asyncio_pools_stop_leaves_no_fetched_message_waiting_for_its_ack_wa
     info = peer.run(peer.js.consumer_info("ASTOP", "astop"))
     assert info.num_ack_pending == 0, (info.num_ack_pending, handled)
     assert handled + info.num_pending == 100
+
+
+@pytest.mark.timeout(60)
+def test_the_asyncio_pool_stopped_from_its_own_handler_does_not_wait_for_that_handler(
+    jetstream_server: NatsServer, peer: Peer, logger: logging.Logger
+) -> None:
+    """As the blocking pool: a handler may stop its own pool; stop() waits for the other
+    workers, not for the handler calling it (which would only time out), and the message
+    is acked."""
+    peer.run(peer.js.add_stream(name="ASELF", subjects=["aself.>"]))
+    peer.publish_many([("aself.a", b"x")])
+
+    async def main() -> list[object]:
+        core = NatsCluster("aself", [jetstream_server.url], logger)
+        outcome: list[object] = []
+        try:
+
+            async def handler(msg: Any) -> None:
+                try:
+                    await pool.stop(2)
+                    outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
+                    raise
+
+            pool = await core.jetstream().consume("aself.>", handler, durable="aself", workers=2)
+            for _ in range(100):
+                if outcome:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            assert not pool.running
+            assert (pool.processed, pool.failed) == (1, 0)
+        finally:
+            await core.close()
+        return outcome
+
+    assert asyncio.run(main()) == [None]
+    assert peer.run(peer.js.consumer_info("ASELF", "aself")).num_ack_pending == 0

@@ -379,14 +379,17 @@ class AsyncConsumer:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Stop fetching (a fetch in progress ends within a second); let running handlers
-        finish within *timeout* s, then unsubscribe.
+        finish within *timeout* s, then unsubscribe. From a handler, its own worker is
+        not waited for.
 
         :raises ClusterTimeoutError: when handlers were still running after *timeout* s.
         """
         self._stopping = True
         # Unsubscribing under a fetch in progress would leave what the server sent it
         # unacknowledged until its ack wait: the workers end first.
-        _, pending = await asyncio.wait(self._tasks, timeout=timeout) if self._tasks else (set(), set())
+        # Called from a handler, its own worker is not waited for (it would only time out).
+        others = [task for task in self._tasks if task is not asyncio.current_task()]
+        _, pending = await asyncio.wait(others, timeout=timeout) if others else (set(), set())
         for sub in self._subs:
             try:
                 await sub.unsubscribe()

@@ -41,6 +41,9 @@ class Core(Protocol):
 
     def counter(self, key: str) -> int: ...
 
+    @property
+    def drain_timeout(self) -> float: ...
+
     def check_open(self) -> None: ...
 
 
@@ -294,11 +297,19 @@ class Watch:
     def _watch_consumer(self) -> None:
         """A thread: make the consumer again after a reconnection, or when heartbeats
         stopped; delete the consumers left behind."""
+        closing_since: float | None = None
         while not self._stopped.wait(_TICK):
             core = self._nats.cluster
             try:
                 core.check_open()
             except ClusterClosedError:  # its subscriptions are closed with it: end the readers
+                # once the close's drain has delivered what was in flight (bounded: a
+                # drain ends within drain_timeout, what is left is discarded and counted)
+                closing_since = time.monotonic() if closing_since is None else closing_since
+                sub = self._sub  # (its inbox: Subscription has no room left for a property)
+                delivering = sub is not None and not sub._inbox.ended
+                if delivering and time.monotonic() - closing_since < core.drain_timeout + 5:
+                    continue
                 with self._ready:
                     self._closed = True
                     self._ready.notify_all()

@@ -193,6 +193,11 @@ class Inbox:
         return self._state is not _OPEN
 
     @property
+    def ended(self) -> bool:
+        """True once nothing is or will be delivered any more (after a drain, its end)."""
+        return self._done.is_set()
+
+    @property
     def in_callback(self) -> bool:
         """True on a thread that delivers this inbox's messages (its callback's thread)."""
         return self._dispatcher is not None and self._dispatcher.is_worker()
