@@ -306,8 +306,8 @@ class Watch:
                 # once the close's drain has delivered what was in flight (bounded: a
                 # drain ends within drain_timeout, what is left is discarded and counted)
                 closing_since = time.monotonic() if closing_since is None else closing_since
-                sub = self._sub  # (its inbox: Subscription has no room left for a property)
-                delivering = sub is not None and not sub._inbox.ended
+                sub = self._sub
+                delivering = sub is not None and sub.delivering
                 if delivering and time.monotonic() - closing_since < core.drain_timeout + 5:
                     continue
                 with self._ready:

@@ -145,16 +145,19 @@ class Subscription:
 
     @property
     def discarded(self) -> int:
-        """Messages received but thrown away because the subscription ended first: still
-        pending at ``unsubscribe()``, or when a drain (``close()`` of the cluster too) ran
-        out of time, or arriving after it ended (logged once)."""
+        """Messages thrown away because the subscription ended first: pending at
+        ``unsubscribe()``, at the end of a drain that ran out of time, or late (logged once)."""
         return self._inbox.discarded
 
     @property
     def workers(self) -> tuple[threading.Thread, ...]:
-        """The threads that answer this subscription's requests (made by ``serve``; empty
-        otherwise). They end, and are joined, when the subscription ends."""
+        """The threads answering this subscription's requests (``serve``'s; joined when it ends)."""
         return self._threads
+
+    @property
+    def delivering(self) -> bool:
+        """True while messages are or may still be delivered (a drain: until its end)."""
+        return not self._inbox.ended
 
     @property
     def is_open(self) -> bool:
