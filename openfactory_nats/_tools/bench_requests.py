@@ -7,7 +7,7 @@ alternating between the paths, medians quoted:
   against ``await nc.request(...)`` under ``asyncio.run``); p50 and p99 round trip.
 * ``threads``: 8 threads requesting at once against 8 concurrent asyncio tasks; requests/s.
   Where the platform allows it, measured again with the measuring process's threads on
-  one CPU (both paths alike), beside the cost of one thread hand-off on this machine:
+  one CPU (both paths alike), beside the cost of a thread hand-off on this machine:
   8 blocked threads need a wake-up each per round of requests, and where waking a
   thread on another CPU is slow (virtual machines) that, not the library's code, bounds
   the rate.
@@ -184,26 +184,39 @@ def _one_cpu() -> Iterator[bool]:
         setter(0, allowed)
 
 
-def thread_handoff_us(rounds: int = 5000) -> float:
+def thread_handoff_us(same_cpu: bool, rounds: int = 5000) -> float | None:
     """The time, in microseconds, for one blocked thread to wake another (two threads
-    passing the turn back and forth through locks), as the scheduler places them."""
+    passing the turn back and forth through locks), the two kept on two CPUs or on one;
+    None where the platform cannot place threads."""
+    getter = getattr(os, "sched_getaffinity", None)
+    setter = getattr(os, "sched_setaffinity", None)
+    if getter is None or setter is None or len(getter(0)) < 2:
+        return None
+    allowed = getter(0)
+    first, second = sorted(allowed)[:2]
     ping, pong = threading.Lock(), threading.Lock()
     ping.acquire()
     pong.acquire()
 
     def other() -> None:
+        setter(0, {first if same_cpu else second})
         for _ in range(rounds):
             ping.acquire()
             pong.release()
 
-    thread = threading.Thread(target=other, daemon=True)
-    thread.start()
-    started = time.perf_counter()
-    for _ in range(rounds):
-        ping.release()
-        pong.acquire()
-    elapsed = time.perf_counter() - started
-    thread.join()
+    setter(0, {first})
+    try:
+        thread = threading.Thread(target=other, daemon=True)
+        thread.start()
+        time.sleep(0.2)  # placed, and blocked on its lock
+        started = time.perf_counter()
+        for _ in range(rounds):
+            ping.release()
+            pong.acquire()
+        elapsed = time.perf_counter() - started
+        thread.join()
+    finally:
+        setter(0, allowed)
     return elapsed / rounds / 2 * 1e6
 
 
@@ -315,8 +328,7 @@ def requests_benchmark(url: str, count: int, size: int, rounds: int, progress: C
         for name in ("plain_threads", "facade_threads", "plain_one_cpu", "facade_one_cpu")
         + ("plain_serve", "facade_serve")
     }
-    handoffs: list[float] = []
-    pinned_handoffs: list[float] = []
+
     responder = _helper("--responder", url)
     try:
         seq_paths: list[tuple[str, Callable[[], dict[str, float]]]] = [
@@ -338,10 +350,8 @@ def requests_benchmark(url: str, count: int, size: int, rounds: int, progress: C
             for name, measure_rate in reversed(rate_paths) if flip else rate_paths:
                 rates[name].append(measure_rate())
                 progress(f"requests round {round_no + 1}  {name:<16} {rates[name][-1]:>10,.0f} req/s")
-            handoffs.append(thread_handoff_us())
             with _one_cpu() as pinned:
                 if pinned:
-                    pinned_handoffs.append(thread_handoff_us())
                     for name, measure_rate in reversed(rate_paths) if flip else rate_paths:
                         one_cpu = name.replace("_threads", "_one_cpu")
                         rates[one_cpu].append(measure_rate())
@@ -365,10 +375,11 @@ def requests_benchmark(url: str, count: int, size: int, rounds: int, progress: C
         if measured:
             result[name] = statistics.median(measured)
     result["threads_ratio"] = result["facade_threads"] / result["plain_threads"]
-    result["handoff_us"] = statistics.median(handoffs)
-    if pinned_handoffs:
-        result["one_cpu_handoff_us"] = statistics.median(pinned_handoffs)
+    if rates["facade_one_cpu"]:
         result["one_cpu_ratio"] = result["facade_one_cpu"] / result["plain_one_cpu"]
+    across, on_one = thread_handoff_us(False), thread_handoff_us(True)
+    if across is not None and on_one is not None:
+        result["handoff_across_cpus_us"], result["handoff_one_cpu_us"] = across, on_one
     result["serve_ratio"] = result["facade_serve"] / result["plain_serve"]
     return result
 
@@ -384,15 +395,21 @@ def format_requests(result: dict[str, Any]) -> list[str]:
         f"  facade {r['facade_sequential_p50_ms']:.3f}/{r['facade_sequential_p99_ms']:.3f}"
         f"  p50 ratio {r['sequential_p50_ratio']:.2f}x (target <= 1.3x)",
         f"  {r['threads']} threads at once  req/s: nats-py {r['threads']} tasks {r['plain_threads']:,.0f}"
-        f"  facade {r['facade_threads']:,.0f} ({r['threads_ratio']:.2f}x, target >= 0.85x)"
-        f"  [thread hand-off {r['handoff_us']:.1f} us]",
+        f"  facade {r['facade_threads']:,.0f} ({r['threads_ratio']:.2f}x, target >= 0.85x)",
         *(
             [
                 f"  the same, this process on one CPU: nats-py {r['plain_one_cpu']:,.0f}"
                 f"  facade {r['facade_one_cpu']:,.0f} ({r['one_cpu_ratio']:.2f}x)"
-                f"  [thread hand-off {r['one_cpu_handoff_us']:.1f} us]"
             ]
             if "one_cpu_ratio" in r
+            else []
+        ),
+        *(
+            [
+                f"  a thread waking another: {r['handoff_across_cpus_us']:.1f} us across two CPUs,"
+                f" {r['handoff_one_cpu_us']:.1f} us on one (8 threads need 8 wake-ups per round)"
+            ]
+            if "handoff_one_cpu_us" in r
             else []
         ),
         f"  serving, answered req/s: nats-py async responder {r['plain_serve']:,.0f}"
