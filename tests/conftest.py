@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
 
 from openfactory_nats import SyncNatsCluster
 
+from .jspeer import Peer
 from .servers import NatsServer, SilentServer, Subscriber, TcpProxy, wait_for_mesh
 
 
@@ -33,6 +35,28 @@ def jetstream_server(tmp_path) -> Iterator[NatsServer]:  # type: ignore[no-untyp
         yield srv.start()
     finally:
         srv.close()
+
+
+@pytest.fixture
+def peer(jetstream_server: NatsServer) -> Iterator[Peer]:
+    """nats-py's own async JetStream API on the JetStream server: the other side of the tests."""
+    made = Peer(jetstream_server.url)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
+    """Exceptions that escaped a thread (the test asserts there are none)."""
+    caught: list[BaseException] = []
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        caught.append(args.exc_value if args.exc_value is not None else RuntimeError(str(args.exc_type)))
+
+    monkeypatch.setattr(threading, "excepthook", hook)
+    return caught
 
 
 @pytest.fixture

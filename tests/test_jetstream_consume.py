@@ -31,15 +31,6 @@ from .servers import NatsServer
 
 
 @pytest.fixture
-def peer(jetstream_server: NatsServer) -> Iterator[Peer]:
-    p = Peer(jetstream_server.url)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-@pytest.fixture
 def nc(jetstream_server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
     with SyncNatsCluster("JS", [jetstream_server.url], logger, reconnect_time_wait=0.1) as cluster:
         yield cluster

@@ -49,15 +49,6 @@ def kv(nc: SyncNatsCluster) -> KeyValue:
     return store
 
 
-@pytest.fixture
-def peer(jetstream_server: NatsServer) -> Iterator[Peer]:
-    p = Peer(jetstream_server.url)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def bad(value: object) -> Any:
     """*value*, whatever its type, for the type checker."""
     return value

@@ -38,15 +38,6 @@ def nc(jetstream_server: NatsServer, logger: logging.Logger) -> Iterator[SyncNat
         yield c
 
 
-@pytest.fixture
-def peer(jetstream_server: NatsServer) -> Iterator[Peer]:
-    p = Peer(jetstream_server.url)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def in_child(body: Callable[[], object], deadline: float = 15.0) -> None:
     """Run *body* in a forked child (then the interpreter's exit finalizers); fail with
     the child's traceback when it raised, or when it did not end within *deadline* s."""

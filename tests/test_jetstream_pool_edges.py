@@ -28,26 +28,6 @@ PREFETCH = pytest.mark.parametrize("prefetch", [0, 10], ids=["own-fetch", "prefe
 
 
 @pytest.fixture
-def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
-    caught: list[BaseException] = []
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        caught.append(args.exc_value if args.exc_value is not None else RuntimeError(str(args.exc_type)))
-
-    monkeypatch.setattr(threading, "excepthook", hook)
-    return caught
-
-
-@pytest.fixture
-def peer(jetstream_server: NatsServer) -> Iterator[Peer]:
-    p = Peer(jetstream_server.url)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-@pytest.fixture
 def nc(jetstream_server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
     with SyncNatsCluster("JS", [jetstream_server.url], logger, reconnect_time_wait=0.1, timeout=10.0) as cluster:
         yield cluster

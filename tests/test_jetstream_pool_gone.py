@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,15 +14,6 @@ from openfactory_nats import JsMsg, NatsCluster, SyncNatsCluster
 
 from .jspeer import Peer, wait_until
 from .servers import NatsServer
-
-
-@pytest.fixture
-def peer(jetstream_server: NatsServer) -> Iterator[Peer]:
-    made = Peer(jetstream_server.url)
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 def _errors_about(caplog: pytest.LogCaptureFixture, consumer: str) -> list[logging.LogRecord]:

@@ -32,18 +32,6 @@ MARGIN = 2.5
 
 
 @pytest.fixture
-def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
-    """Exceptions that escaped a thread (the test asserts there are none)."""
-    caught: list[BaseException] = []
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        caught.append(args.exc_value if args.exc_value is not None else RuntimeError(str(args.exc_type)))
-
-    monkeypatch.setattr(threading, "excepthook", hook)
-    return caught
-
-
-@pytest.fixture
 def served(server: NatsServer, logger: logging.Logger) -> Iterator[SyncNatsCluster]:
     """The service's side, reconnecting quickly, with the default timeout (10 s)."""
     with SyncNatsCluster("svc", [server.url], logger, reconnect_time_wait=0.1) as nats_:
